@@ -1,0 +1,216 @@
+"""Configuration of the DeepSeek-V3 multimodal model.
+
+`DeepseekV3MultimodalConfig` extends transformers' `DeepseekV3Config`: every text field keeps its upstream name,
+meaning and default, so the published DeepSeek-V3 `config.json` loads unchanged. The multimodal and gating fields
+are added on top; each defaults to "off", which reproduces plain DeepSeek-V3 (no module, no parameter, no
+state-dict key is created for a feature that is off).
+
+This file is part of the hub-portable core: it imports only the standard library and transformers.
+"""
+
+import math
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
+
+__all__ = ["DeepseekV3MultimodalConfig"]
+
+TEXT_MODALITY_ID = 0
+IMAGE_MODALITY_ID = 1
+AUDIO_MODALITY_ID = 2
+
+# Keys of a saved config that describe the file rather than the architecture; `from_text_config` drops them.
+_NON_ARCHITECTURE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
+
+
+@strict
+class DeepseekV3MultimodalConfig(DeepseekV3Config):
+    r"""
+    Configuration of [`DeepseekV3MultimodalModel`] and [`DeepseekV3MultimodalForConditionalGeneration`].
+
+    All text fields (`vocab_size`, `hidden_size`, `kv_lora_rank`, `n_routed_experts`, `rope_parameters`, ...) are
+    those of [`~transformers.DeepseekV3Config`], with the same names, meanings and defaults. The fields below are
+    added; each one's default switches its feature off.
+
+    Args:
+        use_attention_gate (`bool`, *optional*, defaults to `False`):
+            Add a dynamic per-head gate to every attention layer. The gate is a bottleneck MLP
+            (`kv_lora_rank -> hidden_size // attention_gate_ratio -> num_attention_heads`, SiLU, sigmoid) that reads
+            the causal running mean of the layer's compressed KV latent (position `t` sees positions `<= t` only) and
+            scales each head's attention output before `o_proj`.
+        attention_gate_ratio (`int`, *optional*, defaults to 16):
+            Bottleneck ratio of the gate MLP: its hidden width is `hidden_size // attention_gate_ratio`.
+            Must be in `[1, hidden_size]`.
+        attention_gate_skip_threshold (`float`, *optional*, defaults to 0.0):
+            At inference (`model.eval()`), heads whose gate stays below this value for every position of the batch are
+            not computed at all. `0.0` never skips. Must be in `[0, 1)`.
+        use_image_input (`bool`, *optional*, defaults to `False`):
+            Build the image patch embedding (a strided `Conv2d`) and accept `pixel_values`.
+        image_size (`int`, *optional*, defaults to 224):
+            Height and width, in pixels, of the (square) images the model reads.
+        patch_size (`int`, *optional*, defaults to 16):
+            Side of one image patch; each image becomes `(image_size // patch_size) ** 2` tokens. Must divide
+            `image_size`.
+        num_channels (`int`, *optional*, defaults to 3):
+            Channels of `pixel_values`.
+        image_token_id (`int`, *optional*):
+            Placeholder token that marks one image patch position in `input_ids`. Required with `use_image_input`.
+        use_audio_input (`bool`, *optional*, defaults to `False`):
+            Build the audio frame embedding (a strided `Conv1d` over log-mel frames) and accept `input_features`.
+        num_mel_bins (`int`, *optional*, defaults to 80):
+            Mel bins of `input_features`.
+        audio_conv_stride (`int`, *optional*, defaults to 4):
+            Log-mel frames per audio token; a clip of `n` frames becomes `n // audio_conv_stride` tokens.
+        audio_max_frames (`int`, *optional*, defaults to 3000):
+            Longest clip, in log-mel frames, the model accepts. Must be a multiple of `audio_conv_stride`.
+        audio_token_id (`int`, *optional*):
+            Placeholder token that marks one audio frame position in `input_ids`. Required with `use_audio_input`.
+        num_modality_types (`int`, *optional*, defaults to 0):
+            Rows of the learned modality-type embedding added to every position (0: text, 1: image, 2: audio).
+            `0` builds no embedding; otherwise it must cover every enabled modality (2 with images only, 3 with
+            audio).
+        use_bidirectional_media_attention (`bool`, *optional*, defaults to `False`):
+            Let the tokens of one image or one audio clip attend to each other in both directions; every other
+            position stays causal.
+        contrastive_projection_dim (`int`, *optional*):
+            Width of the CLIP-style projection heads used by `get_text_features`, `get_image_features` and
+            `get_audio_features`. `None` builds no projection head.
+        contrastive_temperature_init (`float`, *optional*, defaults to 0.07):
+            Initial temperature of the contrastive logits; the model learns `logit_scale = log(1 / temperature)`.
+            Must be positive.
+
+    Example:
+
+    ```python
+    >>> from deepseekv3 import DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration
+
+    >>> config = DeepseekV3MultimodalConfig(use_attention_gate=True, use_image_input=True, image_token_id=5)
+    >>> model = DeepseekV3MultimodalForConditionalGeneration(config)
+    ```"""
+
+    model_type = "deepseekv3_multimodal"
+    # Upstream shards only the dense MLPs and the experts; attention (and so the head gate inside it), the media
+    # embeddings, modality-type embeddings and projection heads stay replicated on every tensor-parallel rank.
+    base_model_tp_plan = dict(DeepseekV3Config.base_model_tp_plan)
+    # The media embeddings run before the first decoder layer and belong to the first pipeline stage with
+    # `embed_tokens`; `inputs_embeds` already carries them.
+    base_model_pp_plan = dict(DeepseekV3Config.base_model_pp_plan)
+
+    use_attention_gate: bool = False
+    attention_gate_ratio: int = 16
+    attention_gate_skip_threshold: float = 0.0
+    use_image_input: bool = False
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    image_token_id: int | None = None
+    use_audio_input: bool = False
+    num_mel_bins: int = 80
+    audio_conv_stride: int = 4
+    audio_max_frames: int = 3000
+    audio_token_id: int | None = None
+    num_modality_types: int = 0
+    use_bidirectional_media_attention: bool = False
+    contrastive_projection_dim: int | None = None
+    contrastive_temperature_init: float = 0.07
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._validate_text_fields()
+        self._validate_gate_fields()
+        self._validate_media_fields()
+
+    def _validate_text_fields(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads})"
+            )
+        if self.qk_rope_head_dim % 2 != 0:
+            raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even: rotary dims come in pairs")
+        if self.n_routed_experts % self.n_group != 0:
+            raise ValueError(
+                f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})"
+            )
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group ({self.topk_group}) must be in [1, n_group ({self.n_group})]")
+        experts_in_chosen_groups = self.topk_group * (self.n_routed_experts // self.n_group)
+        if not 1 <= self.num_experts_per_tok <= experts_in_chosen_groups:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, topk_group * n_routed_experts / "
+                f"n_group ({experts_in_chosen_groups})]"
+            )
+
+    def _validate_gate_fields(self) -> None:
+        if not 1 <= self.attention_gate_ratio <= self.hidden_size:
+            raise ValueError(
+                f"attention_gate_ratio ({self.attention_gate_ratio}) must be in [1, hidden_size ({self.hidden_size})]"
+            )
+        if not 0.0 <= self.attention_gate_skip_threshold < 1.0:
+            raise ValueError(
+                f"attention_gate_skip_threshold ({self.attention_gate_skip_threshold}) must be in [0, 1)"
+            )
+
+    def _validate_media_fields(self) -> None:
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(f"patch_size ({self.patch_size}) must divide image_size ({self.image_size})")
+        if self.audio_max_frames % self.audio_conv_stride != 0:
+            raise ValueError(
+                f"audio_conv_stride ({self.audio_conv_stride}) must divide audio_max_frames ({self.audio_max_frames})"
+            )
+        for name, enabled in (("image_token_id", self.use_image_input), ("audio_token_id", self.use_audio_input)):
+            token_id = getattr(self, name)
+            if enabled and token_id is None:
+                raise ValueError(f"{name} is required when use_{name.split('_')[0]}_input=True")
+            if token_id is not None and not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"{name} ({token_id}) must be in [0, vocab_size ({self.vocab_size}))")
+        if self.use_image_input and self.use_audio_input and self.image_token_id == self.audio_token_id:
+            raise ValueError(f"image_token_id and audio_token_id must differ (both {self.image_token_id})")
+        required_types = 1 + max(
+            IMAGE_MODALITY_ID if self.use_image_input else 0, AUDIO_MODALITY_ID if self.use_audio_input else 0
+        )
+        if self.num_modality_types != 0 and self.num_modality_types < required_types:
+            raise ValueError(
+                f"num_modality_types ({self.num_modality_types}) must be 0 or at least {required_types} to cover "
+                "the enabled modalities"
+            )
+        if self.contrastive_projection_dim is not None and self.contrastive_projection_dim < 1:
+            raise ValueError(f"contrastive_projection_dim ({self.contrastive_projection_dim}) must be positive")
+        if not self.contrastive_temperature_init > 0:
+            raise ValueError(
+                f"contrastive_temperature_init ({self.contrastive_temperature_init}) must be positive"
+            )
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Number of tokens one image becomes: `(image_size // patch_size) ** 2`."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def get_num_audio_tokens(self, num_frames: int) -> int:
+        """Number of tokens a clip of `num_frames` log-mel frames becomes (`num_frames // audio_conv_stride`)."""
+        return num_frames // self.audio_conv_stride
+
+    @property
+    def attention_gate_hidden_size(self) -> int:
+        """Hidden width of the gate's bottleneck MLP."""
+        return max(1, self.hidden_size // self.attention_gate_ratio)
+
+    @property
+    def contrastive_logit_scale_init(self) -> float:
+        """Initial value of the learned `logit_scale` (`log(1 / contrastive_temperature_init)`)."""
+        return math.log(1.0 / self.contrastive_temperature_init)
+
+    @classmethod
+    def from_text_config(cls, text_config: DeepseekV3Config, **kwargs: Any) -> "DeepseekV3MultimodalConfig":
+        """Build a multimodal config from a transformers `DeepseekV3Config`.
+
+        Args:
+            text_config (`DeepseekV3Config`): the text model's configuration; every text field is copied.
+            **kwargs: multimodal fields (or text overrides) to set on top.
+
+        Returns:
+            `DeepseekV3MultimodalConfig`: with every new feature off unless switched on through `kwargs`.
+        """
+        text_fields = {k: v for k, v in text_config.to_dict().items() if k not in _NON_ARCHITECTURE_KEYS}
+        return cls(**{**text_fields, **kwargs})

@@ -1,0 +1,28 @@
+"""Packaging for deepseekv3: a DeepSeek-V3-style multimodal model for Hugging Face Transformers."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="deepseekv3",
+    version="0.1.0",
+    description="A DeepSeek-V3-style multimodal (text, image, audio) model for Hugging Face Transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["deepseekv3", "deepseekv3.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.24,<5.25",
+        "huggingface_hub>=2.0",
+        "safetensors",
+        "tokenizers",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        "train": ["accelerate>=1.10", "peft>=0.17"],
+        "hub": ["olah"],
+        "dev": ["accelerate>=1.10", "peft>=0.17", "pytest", "hypothesis", "ruff", "olah"],
+    },
+    entry_points={"console_scripts": ["deepseekv3=deepseekv3.cli:main"]},
+)
