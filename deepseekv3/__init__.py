@@ -1,0 +1,35 @@
+"""deepseekv3: a DeepSeek-V3-style multimodal model (text, images, audio) for Hugging Face Transformers.
+
+Importing the package registers the model with the Auto classes and marks each class for auto-class saving, so
+`save_pretrained` / `push_to_hub` write `auto_map` and copy the code files next to the weights.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+from .configuration_deepseekv3 import DeepseekV3MultimodalConfig
+from .modeling_deepseekv3 import (
+    DeepseekV3MultimodalCausalLMOutputWithPast,
+    DeepseekV3MultimodalForConditionalGeneration,
+    DeepseekV3MultimodalModel,
+    DeepseekV3MultimodalModelOutputWithPast,
+    DeepseekV3MultimodalPreTrainedModel,
+)
+
+__all__ = [
+    "DeepseekV3MultimodalConfig",
+    "DeepseekV3MultimodalPreTrainedModel",
+    "DeepseekV3MultimodalModel",
+    "DeepseekV3MultimodalForConditionalGeneration",
+    "DeepseekV3MultimodalModelOutputWithPast",
+    "DeepseekV3MultimodalCausalLMOutputWithPast",
+]
+
+AutoConfig.register(DeepseekV3MultimodalConfig.model_type, DeepseekV3MultimodalConfig, exist_ok=True)
+AutoModel.register(DeepseekV3MultimodalConfig, DeepseekV3MultimodalModel, exist_ok=True)
+AutoModelForCausalLM.register(DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(
+    DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration, exist_ok=True
+)
+DeepseekV3MultimodalConfig.register_for_auto_class("AutoConfig")
+DeepseekV3MultimodalModel.register_for_auto_class("AutoModel")
+DeepseekV3MultimodalForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")

@@ -148,9 +148,7 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
                 f"attention_gate_ratio ({self.attention_gate_ratio}) must be in [1, hidden_size ({self.hidden_size})]"
             )
         if not 0.0 <= self.attention_gate_skip_threshold < 1.0:
-            raise ValueError(
-                f"attention_gate_skip_threshold ({self.attention_gate_skip_threshold}) must be in [0, 1)"
-            )
+            raise ValueError(f"attention_gate_skip_threshold ({self.attention_gate_skip_threshold}) must be in [0, 1)")
 
     def _validate_media_fields(self) -> None:
         if self.image_size % self.patch_size != 0:
@@ -178,9 +176,7 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
         if self.contrastive_projection_dim is not None and self.contrastive_projection_dim < 1:
             raise ValueError(f"contrastive_projection_dim ({self.contrastive_projection_dim}) must be positive")
         if not self.contrastive_temperature_init > 0:
-            raise ValueError(
-                f"contrastive_temperature_init ({self.contrastive_temperature_init}) must be positive"
-            )
+            raise ValueError(f"contrastive_temperature_init ({self.contrastive_temperature_init}) must be positive")
 
     @property
     def num_image_tokens(self) -> int:

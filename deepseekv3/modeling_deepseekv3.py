@@ -1,0 +1,776 @@
+"""The DeepSeek-V3 multimodal model: one decoder shared by text, images and audio.
+
+The text path is transformers' own DeepSeek-V3 (MLA attention, DeepSeekMoE with the auxiliary-loss-free top-k
+router, RMSNorm, YaRN rotary embedding), reused class by class, so its state-dict keys are those of
+`DeepseekV3ForCausalLM` and, with every new feature off, the logits are identical. On top, each behind a config
+field: a dynamic per-head attention gate, image-patch and audio-frame embeddings scattered into placeholder
+positions, learned modality-type embeddings, bidirectional attention inside one media span, and CLIP-style
+projection heads.
+
+This file is part of the hub-portable core: it imports only the standard library, torch, transformers and
+`.configuration_deepseekv3`.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3Attention,
+    DeepseekV3DecoderLayer,
+    DeepseekV3PreTrainedModel,
+    DeepseekV3RMSNorm,
+    DeepseekV3RotaryEmbedding,
+    DeepseekV3TopkRouter,
+    apply_rotary_pos_emb,
+    apply_rotary_pos_emb_interleave,
+    eager_attention_forward,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_deepseekv3 import (
+    AUDIO_MODALITY_ID,
+    IMAGE_MODALITY_ID,
+    TEXT_MODALITY_ID,
+    DeepseekV3MultimodalConfig,
+)
+
+__all__ = [
+    "DeepseekV3MultimodalPreTrainedModel",
+    "DeepseekV3MultimodalModel",
+    "DeepseekV3MultimodalForConditionalGeneration",
+    "DeepseekV3MultimodalModelOutputWithPast",
+    "DeepseekV3MultimodalCausalLMOutputWithPast",
+]
+
+logger = logging.get_logger(__name__)
+
+# The gate's last layer starts at zero weight and this bias: every head starts open (sigmoid(4) = 0.982), so
+# switching the gate on in a pretrained model barely moves its outputs at step 0.
+_GATE_BIAS_INIT = 4.0
+
+
+@dataclass
+class DeepseekV3MultimodalModelOutputWithPast(ModelOutput):
+    """Output of [`DeepseekV3MultimodalModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`): final-norm output.
+        cache (`Cache`, *optional*): the MLA latent cache, when `use_cache=True`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states=True`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*): with `output_attentions=True` (eager attention).
+        router_logits (`tuple(torch.FloatTensor)`, *optional*): per MoE layer, `(batch * seq_len, n_routed_experts)`,
+            with `output_router_logits=True`.
+        gate_values (`tuple(torch.FloatTensor)`, *optional*): per gated layer, `(batch, seq_len, num_heads)` in
+            `[0, 1]`, with `output_gate_values=True`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    gate_values: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class DeepseekV3MultimodalCausalLMOutputWithPast(ModelOutput):
+    """Output of [`DeepseekV3MultimodalForConditionalGeneration`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): next-token cross-entropy, when `labels` are given.
+        logits (`torch.FloatTensor` of shape `(batch_size, seq_len, vocab_size)`): language-model logits.
+        cache, hidden_states, attentions, router_logits, gate_values: as in
+            [`DeepseekV3MultimodalModelOutputWithPast`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    gate_values: tuple[torch.FloatTensor, ...] | None = None
+
+
+class DeepseekV3MultimodalRMSNorm(DeepseekV3RMSNorm):
+    """Upstream RMSNorm whose output keeps the input's dtype.
+
+    The norms are kept in fp32 when the model is loaded in bf16/fp16 (`_keep_in_fp32_modules_strict`); upstream's
+    `weight * hidden_states` would then promote the activations to fp32 and the next bf16 linear layer would fail.
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states).to(hidden_states.dtype)
+
+
+def causal_running_mean(values: torch.Tensor, padding_mask: torch.Tensor | None, num_queries: int) -> torch.Tensor:
+    """Mean of `values` over positions `<= t`, for the last `num_queries` positions.
+
+    Args:
+        values (`torch.Tensor` of shape `(batch, kv_len, dim)`): per-position vectors (cached past first).
+        padding_mask (`torch.Tensor` of shape `(batch, kv_len)`, *optional*): 1 for real tokens, 0 for padding;
+            padding positions count for nothing. `None` means every position is real.
+        num_queries (`int`): how many trailing positions to return.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, num_queries, dim)`, in fp32.
+    """
+    values = values.float()
+    if padding_mask is None:
+        padding_mask = values.new_ones(values.shape[:2])
+    weights = padding_mask.to(values.dtype).unsqueeze(-1)  # (batch, kv_len, 1)
+    running_sum = torch.cumsum(values * weights, dim=1)[:, -num_queries:]
+    running_count = torch.cumsum(weights, dim=1)[:, -num_queries:]
+    return running_sum / running_count.clamp(min=1.0)
+
+
+class DeepseekV3MultimodalHeadGate(nn.Module):
+    """Dynamic per-head attention gate: `sigmoid(W2 silu(W1 mean_{s<=t} c_s))`, one value per head.
+
+    `c_s` is the normalized compressed KV latent of position `s` (`kv_a_layernorm` output), which MLA caches anyway:
+    the running mean needs no state beyond the cache, so decoding step by step equals the full forward, and every
+    cache operation (crop, reorder, batch select) stays exact.
+    """
+
+    def __init__(self, config: DeepseekV3MultimodalConfig):
+        super().__init__()
+        self.down_proj = nn.Linear(config.kv_lora_rank, config.attention_gate_hidden_size)
+        self.act_fn = ACT2FN["silu"]
+        self.up_proj = nn.Linear(config.attention_gate_hidden_size, config.num_attention_heads)
+
+    def forward(self, latent: torch.Tensor, padding_mask: torch.Tensor | None, num_queries: int) -> torch.Tensor:
+        """Args: latent `(batch, kv_len, kv_lora_rank)`; padding_mask `(batch, kv_len)` or None.
+        Returns: gate values `(batch, num_queries, num_heads)` in fp32."""
+        summary = causal_running_mean(latent, padding_mask, num_queries).to(self.down_proj.weight.dtype)
+        return torch.sigmoid(self.up_proj(self.act_fn(self.down_proj(summary))).float())
+
+
+def _head_rows(heads: torch.Tensor, rows_per_head: int) -> torch.Tensor:
+    """Row indices of a `(num_heads * rows_per_head, ...)` weight that belong to `heads`."""
+    return (heads[:, None] * rows_per_head + torch.arange(rows_per_head, device=heads.device)).reshape(-1)
+
+
+class DeepseekV3MultimodalAttention(DeepseekV3Attention):
+    """MLA attention with a dynamic per-head output gate and inference-time head skipping."""
+
+    def __init__(self, config: DeepseekV3MultimodalConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.head_gate = DeepseekV3MultimodalHeadGate(config)
+
+    def _kept_heads(self, gate_values: torch.Tensor) -> torch.Tensor | None:
+        """Heads to compute, or None for all. Only in eval mode: a head is skipped when its gate is below
+        `attention_gate_skip_threshold` at every position of the batch."""
+        threshold = self.config.attention_gate_skip_threshold
+        if self.training or threshold <= 0.0:
+            return None
+        is_open = (gate_values >= threshold).flatten(0, 1).any(dim=0)  # (num_heads,)
+        if bool(is_open.all()):
+            return None
+        return is_open.nonzero().squeeze(-1)
+
+    def _project(self, module: nn.Linear, inputs: torch.Tensor, heads: torch.Tensor | None, rows: int):
+        if heads is None:
+            return module(inputs)
+        return F.linear(inputs, module.weight[_head_rows(heads, rows)])
+
+    # Adapted from transformers 5.24.0 `DeepseekV3Attention.forward`: the gate reads the cached latent before the
+    # heads are expanded, and skipped heads drop out of the query, key/value expansion and output projections.
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        gate_padding_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_length = hidden_states.shape[:-1]
+
+        compressed_kv = self.kv_a_proj_with_mqa(hidden_states)
+        kv_nope, k_rot = torch.split(compressed_kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv_nope = self.kv_a_layernorm(kv_nope).view(batch_size, 1, seq_length, self.kv_lora_rank)
+        k_rot = k_rot.view(batch_size, 1, seq_length, self.qk_rope_head_dim)
+        q_input = hidden_states if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(hidden_states))
+        q_module = self.q_proj if self.q_lora_rank is None else self.q_b_proj
+
+        cos, sin = position_embeddings
+        # The rotated key is cached (as upstream); rotating the single-head key twice costs next to nothing.
+        new_k_rot = self._apply_rotary(k_rot, k_rot, cos, sin)[1]
+        k_rot = new_k_rot
+        if cache is not None:
+            kv_nope, k_rot = cache.update(kv_nope, k_rot, self.layer_idx, kwargs=kwargs)
+
+        gate_values = self.head_gate(kv_nope.squeeze(1), gate_padding_mask, seq_length)  # (batch, seq, heads)
+        heads = self._kept_heads(gate_values)
+        if heads is not None:
+            gate_values = gate_values[..., heads]
+
+        query_states = self._project(q_module, q_input, heads, self.qk_head_dim)
+        query_states = query_states.view(batch_size, seq_length, -1, self.qk_head_dim).transpose(1, 2)
+        q_pass, q_rot = torch.split(query_states, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_rot = self._apply_rotary(q_rot, new_k_rot, cos, sin)[0]
+        query_states = torch.cat((q_pass, q_rot), dim=-1)  # (batch, kept_heads, seq, qk_head_dim)
+
+        key_states, value_states = self._expand_kv(kv_nope, k_rot, heads)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        # (batch, seq, kept_heads, v_head_dim) scaled per head, then flattened for o_proj
+        attn_output = attn_output * gate_values.unsqueeze(-1).to(attn_output.dtype)
+        attn_output = attn_output.reshape(batch_size, seq_length, -1).contiguous()
+        if heads is None:
+            return self.o_proj(attn_output), attn_weights
+        weight = self.o_proj.weight[:, _head_rows(heads, self.v_head_dim)]
+        return F.linear(attn_output, weight, self.o_proj.bias), attn_weights
+
+    def _apply_rotary(
+        self, q_rot: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rotate = apply_rotary_pos_emb_interleave if self.config.rope_interleave else apply_rotary_pos_emb
+        return rotate(q_rot, k_rot, cos, sin)
+
+    def _expand_kv(
+        self, kv_nope: torch.Tensor, k_rot: torch.Tensor, heads: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if heads is None:
+            return self.expand_kv(kv_nope, k_rot)
+        batch_size, _, kv_length, _ = kv_nope.shape
+        rows = _head_rows(heads, self.qk_nope_head_dim + self.v_head_dim)
+        kv = F.linear(kv_nope, self.kv_b_proj.weight[rows])
+        # (batch, kept_heads, kv_len, qk_nope_head_dim + v_head_dim)
+        kv = kv.view(batch_size, kv_length, -1, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
+        k_nope, value_states = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key_states = torch.cat((k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
+        return key_states, value_states
+
+
+class DeepseekV3MultimodalDecoderLayer(DeepseekV3DecoderLayer):
+    """Upstream decoder layer (MLA + dense MLP or DeepSeekMoE); with `use_attention_gate` its attention is the
+    gated [`DeepseekV3MultimodalAttention`], whose state-dict keys extend upstream's by `self_attn.head_gate.*`."""
+
+    def __init__(self, config: DeepseekV3MultimodalConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        if config.use_attention_gate:
+            self.self_attn = DeepseekV3MultimodalAttention(config, layer_idx)
+
+
+class DeepseekV3MultimodalPreTrainedModel(DeepseekV3PreTrainedModel):
+    """Upstream's pre-trained base (router and expert initialisation, attention backends) with our modules."""
+
+    config: DeepseekV3MultimodalConfig
+    config_class = DeepseekV3MultimodalConfig
+    input_modalities = ["image", "audio", "text"]
+    _no_split_modules = ["DeepseekV3MultimodalDecoderLayer"]
+    _can_compile_fullgraph = False  # data-dependent media scatter and head skipping
+    _can_record_outputs = {
+        "hidden_states": DeepseekV3MultimodalDecoderLayer,
+        "attentions": DeepseekV3Attention,
+        "router_logits": OutputRecorder(DeepseekV3TopkRouter, index=0),
+        "gate_values": DeepseekV3MultimodalHeadGate,
+    }
+    # Sensitive to rounding: the MoE router (upstream's list), every RMSNorm weight, the head gates and the
+    # modality-type embeddings. `_strict` is honoured for bf16 and fp16 loads alike.
+    _keep_in_fp32_modules_strict = [
+        "e_score_correction_bias",
+        "gate.weight",
+        "norm.weight",
+        "head_gate",
+        "modality_type_embedding",
+    ]
+    _keep_in_fp32_modules = _keep_in_fp32_modules_strict
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, DeepseekV3MultimodalHeadGate):
+            init.zeros_(module.up_proj.weight)
+            init.constant_(module.up_proj.bias, _GATE_BIAS_INIT)
+        elif isinstance(module, DeepseekV3MultimodalModel):
+            if module.modality_type_embedding is not None:
+                # zero rows: a text-only model with type embeddings switched on starts with unchanged logits
+                init.zeros_(module.modality_type_embedding.weight)
+            if module.logit_scale is not None:
+                init.constant_(module.logit_scale, self.config.contrastive_logit_scale_init)
+
+
+def _replace_rmsnorms(root: nn.Module) -> None:
+    """Swap every upstream RMSNorm under `root` for the dtype-preserving subclass (same weight, same key)."""
+    for name, module in list(root.named_modules()):
+        if type(module) is DeepseekV3RMSNorm:
+            parent_name, _, child_name = name.rpartition(".")
+            replacement = DeepseekV3MultimodalRMSNorm(module.weight.shape[0], eps=module.variance_epsilon)
+            setattr(root.get_submodule(parent_name), child_name, replacement)
+
+
+class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
+    """The shared decoder: token, image-patch and audio-frame embeddings in, final hidden states out."""
+
+    def __init__(self, config: DeepseekV3MultimodalConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [DeepseekV3MultimodalDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DeepseekV3RotaryEmbedding(config=config)
+        _replace_rmsnorms(self)
+
+        self.image_patch_embedding = (
+            nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size)
+            if config.use_image_input
+            else None
+        )
+        self.audio_frame_embedding = (
+            nn.Conv1d(
+                config.num_mel_bins, config.hidden_size, config.audio_conv_stride, stride=config.audio_conv_stride
+            )
+            if config.use_audio_input
+            else None
+        )
+        self.modality_type_embedding = (
+            nn.Embedding(config.num_modality_types, config.hidden_size) if config.num_modality_types else None
+        )
+        projection_dim = config.contrastive_projection_dim
+        has_projection = projection_dim is not None
+        self.text_projection = nn.Linear(config.hidden_size, projection_dim, bias=False) if has_projection else None
+        self.image_projection = (
+            nn.Linear(config.hidden_size, projection_dim, bias=False)
+            if has_projection and config.use_image_input
+            else None
+        )
+        self.audio_projection = (
+            nn.Linear(config.hidden_size, projection_dim, bias=False)
+            if has_projection and config.use_audio_input
+            else None
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(config.contrastive_logit_scale_init)) if has_projection else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        mm_token_type_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> DeepseekV3MultimodalModelOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): token ids; each image occupies
+                `config.num_image_tokens` `image_token_id` positions, each audio clip `frames // audio_conv_stride`
+                `audio_token_id` positions.
+            pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, image_size, image_size)`): every
+                image of the batch, in order of appearance.
+            input_features (`torch.FloatTensor` of shape `(num_clips, num_mel_bins, frames)`): log-mel features of
+                every clip, padded to the longest.
+            input_features_mask (`torch.Tensor` of shape `(num_clips, frames)`): 1 for real frames (a prefix).
+            mm_token_type_ids (`torch.LongTensor` of shape `(batch, seq_len)`): modality of each position (0 text,
+                1 image, 2 audio); derived from `input_ids` when omitted.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            state = "both" if input_ids is not None else "neither"
+            raise ValueError(f"Pass exactly one of `input_ids` or `inputs_embeds` (got {state})")
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        inputs_embeds, block_sequence_ids = self.embed_inputs(
+            input_ids, inputs_embeds, pixel_values, input_features, input_features_mask, mm_token_type_ids
+        )
+        self._check_length(past_length + inputs_embeds.shape[1])
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
+            position_ids = position_ids.unsqueeze(0)
+        if block_sequence_ids is not None and past_length > 0:
+            block_sequence_ids = F.pad(block_sequence_ids, (past_length, 0), value=-1)
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+            block_sequence_ids=block_sequence_ids,
+        )
+        if self.config.use_attention_gate:
+            is_padding_mask = attention_mask is not None and attention_mask.ndim == 2
+            kwargs["gate_padding_mask"] = attention_mask if is_padding_mask else None
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return DeepseekV3MultimodalModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+    def _check_length(self, total_length: int) -> None:
+        limit = self.config.max_position_embeddings
+        if total_length > limit:
+            raise ValueError(
+                f"Sequence length {total_length} (cached + new tokens) exceeds max_position_embeddings ({limit})"
+            )
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.FloatTensor | None,
+        pixel_values: torch.FloatTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        mm_token_type_ids: torch.LongTensor | None = None,
+    ) -> tuple[torch.FloatTensor, torch.LongTensor | None]:
+        """Token embeddings with media features scattered into their placeholders and modality types added.
+
+        Returns:
+            `(inputs_embeds, block_sequence_ids)`: embeddings `(batch, seq_len, hidden_size)`, and, with
+            `use_bidirectional_media_attention` and media present, `(batch, seq_len)` span ids (-1 for text) that
+            make each media span attend to itself bidirectionally; else `None`.
+        """
+        has_media = pixel_values is not None or input_features is not None
+        if inputs_embeds is not None and has_media:
+            raise ValueError("Media inputs need `input_ids` to locate their placeholders, not `inputs_embeds`")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        block_sequence_ids = None
+        if input_ids is not None:
+            inputs_embeds, block_sequence_ids = self._scatter_media(
+                input_ids, inputs_embeds, pixel_values, input_features, input_features_mask
+            )
+        if self.modality_type_embedding is not None:
+            if mm_token_type_ids is None:
+                mm_token_type_ids = self.get_modality_ids(input_ids, inputs_embeds)
+            inputs_embeds = inputs_embeds + self.modality_type_embedding(mm_token_type_ids).to(inputs_embeds.dtype)
+        if not self.config.use_bidirectional_media_attention:
+            block_sequence_ids = None
+        return inputs_embeds, block_sequence_ids
+
+    def get_modality_ids(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor
+    ) -> torch.LongTensor:
+        """Modality of each position (0 text, 1 image, 2 audio) read from the placeholder tokens in `input_ids`."""
+        if input_ids is None:
+            return torch.full(inputs_embeds.shape[:2], TEXT_MODALITY_ID, device=inputs_embeds.device)
+        modality_ids = torch.full_like(input_ids, TEXT_MODALITY_ID)
+        if self.config.use_image_input:
+            modality_ids = modality_ids.masked_fill(input_ids == self.config.image_token_id, IMAGE_MODALITY_ID)
+        if self.config.use_audio_input:
+            modality_ids = modality_ids.masked_fill(input_ids == self.config.audio_token_id, AUDIO_MODALITY_ID)
+        return modality_ids
+
+    def _scatter_media(
+        self,
+        input_ids: torch.LongTensor,
+        inputs_embeds: torch.FloatTensor,
+        pixel_values: torch.FloatTensor | None,
+        input_features: torch.FloatTensor | None,
+        input_features_mask: torch.Tensor | None,
+    ) -> tuple[torch.FloatTensor, torch.LongTensor]:
+        block_sequence_ids = torch.full_like(input_ids, -1)
+        num_images = 0
+        image_mask = self._placeholder_mask(input_ids, "image", pixel_values is not None)
+        if pixel_values is not None:
+            image_features = self.get_image_embeddings(pixel_values)  # (num_images, tokens, hidden)
+            num_images, tokens_per_image = image_features.shape[:2]
+            self._check_placeholder_count("image", image_mask, num_images * tokens_per_image, num_images)
+            inputs_embeds = inputs_embeds.masked_scatter(
+                image_mask.unsqueeze(-1), image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds)
+            )
+            image_index = torch.arange(num_images, device=input_ids.device).repeat_interleave(tokens_per_image)
+            block_sequence_ids = block_sequence_ids.masked_scatter(image_mask, image_index)
+        audio_mask = self._placeholder_mask(input_ids, "audio", input_features is not None)
+        if input_features is not None:
+            audio_features, tokens_per_clip = self.get_audio_embeddings(input_features, input_features_mask)
+            self._check_placeholder_count("audio", audio_mask, audio_features.shape[0], len(tokens_per_clip))
+            inputs_embeds = inputs_embeds.masked_scatter(audio_mask.unsqueeze(-1), audio_features.to(inputs_embeds))
+            clip_index = torch.arange(len(tokens_per_clip), device=input_ids.device) + num_images
+            block_sequence_ids = block_sequence_ids.masked_scatter(
+                audio_mask, clip_index.repeat_interleave(tokens_per_clip)
+            )
+        return inputs_embeds, block_sequence_ids
+
+    def _placeholder_mask(self, input_ids: torch.LongTensor, modality: str, has_media: bool) -> torch.Tensor:
+        """Positions of `modality`'s placeholder; a placeholder without media (or media the config lacks) raises."""
+        enabled = getattr(self.config, f"use_{modality}_input")
+        if not enabled:
+            if has_media:
+                raise ValueError(f"Got {modality} inputs but the config has use_{modality}_input=False")
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        mask = input_ids == getattr(self.config, f"{modality}_token_id")
+        if not has_media and bool(mask.any()):
+            kind = "pixel_values" if modality == "image" else "input_features"
+            raise ValueError(
+                f"input_ids contain {int(mask.sum())} {modality} placeholder tokens but no `{kind}` were given"
+            )
+        return mask
+
+    @staticmethod
+    def _check_placeholder_count(modality: str, mask: torch.Tensor, num_tokens: int, num_items: int) -> None:
+        num_placeholders = int(mask.sum())
+        if num_placeholders != num_tokens:
+            raise ValueError(
+                f"input_ids contain {num_placeholders} {modality} placeholder tokens but the {num_items} {modality} "
+                f"input(s) give {num_tokens} tokens"
+            )
+
+    def get_image_embeddings(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """Patch embeddings of images.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, image_size, image_size)`).
+
+        Returns:
+            `torch.FloatTensor` of shape `(num_images, num_image_tokens, hidden_size)`, patches in row-major order.
+        """
+        config = self.config
+        expected = (config.num_channels, config.image_size, config.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        patches = self.image_patch_embedding(pixel_values.to(self.image_patch_embedding.weight.dtype))
+        return patches.flatten(2).transpose(1, 2)  # (num_images, num_patches, hidden)
+
+    def get_audio_embeddings(
+        self, input_features: torch.FloatTensor, input_features_mask: torch.Tensor | None = None
+    ) -> tuple[torch.FloatTensor, torch.LongTensor]:
+        """Frame embeddings of audio clips, without the padding frames.
+
+        Args:
+            input_features (`torch.FloatTensor` of shape `(num_clips, num_mel_bins, frames)`).
+            input_features_mask (`torch.Tensor` of shape `(num_clips, frames)`, *optional*): 1 for real frames.
+
+        Returns:
+            `(features, tokens_per_clip)`: `(total_tokens, hidden_size)`, clips concatenated in order, and the
+            `(num_clips,)` token count of each clip.
+        """
+        config = self.config
+        if input_features.ndim != 3 or input_features.shape[1] != config.num_mel_bins:
+            raise ValueError(
+                f"input_features must have shape (num_clips, {config.num_mel_bins}, frames), "
+                f"got {tuple(input_features.shape)}"
+            )
+        num_clips, _, num_frames = input_features.shape
+        if not config.audio_conv_stride <= num_frames <= config.audio_max_frames:
+            raise ValueError(
+                f"input_features have {num_frames} frames; expected between audio_conv_stride "
+                f"({config.audio_conv_stride}) and audio_max_frames ({config.audio_max_frames})"
+            )
+        if input_features_mask is None:
+            valid_frames = torch.full((num_clips,), num_frames, device=input_features.device)
+        elif tuple(input_features_mask.shape) != (num_clips, num_frames):
+            raise ValueError(
+                f"input_features_mask must have shape {(num_clips, num_frames)}, "
+                f"got {tuple(input_features_mask.shape)}"
+            )
+        else:
+            valid_frames = input_features_mask.long().sum(dim=-1)
+        tokens_per_clip = valid_frames // config.audio_conv_stride
+        frames = self.audio_frame_embedding(input_features.to(self.audio_frame_embedding.weight.dtype))
+        frames = frames.transpose(1, 2)  # (num_clips, frames // stride, hidden)
+        is_real = torch.arange(frames.shape[1], device=frames.device) < tokens_per_clip[:, None]
+        return frames[is_real], tokens_per_clip
+
+    def get_text_features(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.FloatTensor:
+        """Contrastive text embeddings: the decoder's mean-pooled final states through `text_projection`.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq_len)`), attention_mask (`(batch, seq_len)`).
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch, contrastive_projection_dim)` (not normalized, as in CLIP).
+        """
+        self._require_projection(self.text_projection, "text")
+        hidden_states = self(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.text_projection(_masked_mean(hidden_states, attention_mask))
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """Contrastive image embeddings: each image alone through the shared decoder, mean-pooled, projected.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, image_size, image_size)`).
+
+        Returns:
+            `torch.FloatTensor` of shape `(num_images, contrastive_projection_dim)`.
+        """
+        self._require_projection(self.image_projection, "image")
+        input_ids = torch.full(
+            (pixel_values.shape[0], self.config.num_image_tokens), self.config.image_token_id, device=self.device
+        )
+        hidden_states = self(input_ids=input_ids, pixel_values=pixel_values, use_cache=False).last_hidden_state
+        return self.image_projection(hidden_states.mean(dim=1))
+
+    def get_audio_features(
+        self, input_features: torch.FloatTensor, input_features_mask: torch.Tensor | None = None
+    ) -> torch.FloatTensor:
+        """Contrastive audio embeddings: each clip alone through the shared decoder, mean-pooled, projected.
+
+        Args:
+            input_features (`torch.FloatTensor` of shape `(num_clips, num_mel_bins, frames)`).
+            input_features_mask (`torch.Tensor` of shape `(num_clips, frames)`, *optional*).
+
+        Returns:
+            `torch.FloatTensor` of shape `(num_clips, contrastive_projection_dim)`.
+        """
+        self._require_projection(self.audio_projection, "audio")
+        num_clips, _, num_frames = input_features.shape
+        if input_features_mask is None:
+            input_features_mask = torch.ones(num_clips, num_frames, dtype=torch.long, device=input_features.device)
+        tokens_per_clip = self.config.get_num_audio_tokens(input_features_mask.long().sum(dim=-1))
+        positions = torch.arange(int(tokens_per_clip.max()), device=input_features.device)
+        attention_mask = (positions < tokens_per_clip[:, None]).long()  # right padding
+        input_ids = torch.where(attention_mask.bool(), self.config.audio_token_id, self.config.pad_token_id or 0)
+        hidden_states = self(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            input_features=input_features,
+            input_features_mask=input_features_mask,
+            use_cache=False,
+        ).last_hidden_state
+        return self.audio_projection(_masked_mean(hidden_states, attention_mask))
+
+    @staticmethod
+    def _require_projection(projection: nn.Module | None, modality: str) -> None:
+        if projection is None:
+            raise ValueError(
+                f"get_{modality}_features needs contrastive_projection_dim set"
+                + ("" if modality == "text" else f" and use_{modality}_input=True")
+            )
+
+
+def _masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the sequence of `(batch, seq_len, hidden)` states, padding positions excluded."""
+    if attention_mask is None:
+        return hidden_states.mean(dim=1)
+    weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
+    return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalPreTrainedModel, GenerationMixin):
+    """The shared decoder with the language-model head: next-token prediction over text, images and audio."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: DeepseekV3MultimodalConfig):
+        super().__init__(config)
+        self.model = DeepseekV3MultimodalModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        placeholder_ids = [
+            getattr(config, f"{modality}_token_id")
+            for modality in ("image", "audio")
+            if getattr(config, f"use_{modality}_input")
+        ]
+        if placeholder_ids:
+            # a placeholder only stands for media the processor supplies: generated text never contains one
+            self.generation_config.suppress_tokens = placeholder_ids
+
+    def get_text_features(self, *args, **kwargs) -> torch.FloatTensor:
+        """See [`DeepseekV3MultimodalModel.get_text_features`]."""
+        return self.model.get_text_features(*args, **kwargs)
+
+    def get_image_features(self, *args, **kwargs) -> torch.FloatTensor:
+        """See [`DeepseekV3MultimodalModel.get_image_features`]."""
+        return self.model.get_image_features(*args, **kwargs)
+
+    def get_audio_features(self, *args, **kwargs) -> torch.FloatTensor:
+        """See [`DeepseekV3MultimodalModel.get_audio_features`]."""
+        return self.model.get_audio_features(*args, **kwargs)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        mm_token_type_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> DeepseekV3MultimodalCausalLMOutputWithPast:
+        r"""
+        Args:
+            labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): targets for next-token prediction
+                (shifted inside the loss); -100 is ignored.
+            logits_to_keep (`int` or `torch.Tensor`): keep only the last `n` positions' logits (0 keeps all).
+
+        The other arguments are those of [`DeepseekV3MultimodalModel.forward`].
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            input_features=input_features,
+            input_features_mask=input_features_mask,
+            mm_token_type_ids=mm_token_type_ids,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return DeepseekV3MultimodalCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+            gate_values=outputs.gate_values,
+        )
