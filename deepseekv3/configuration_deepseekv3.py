@@ -116,6 +116,9 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
     contrastive_temperature_init: float = 0.07
 
     def __post_init__(self, **kwargs):
+        # A checkpoint's own `model_type` (e.g. "deepseek_v3" in the official config.json) would otherwise become an
+        # instance attribute and be written back by `save_pretrained`; the class decides what this config is.
+        kwargs.pop("model_type", None)
         super().__post_init__(**kwargs)
         self._validate_text_fields()
         self._validate_gate_fields()

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -55,6 +56,14 @@ __all__ = [
 ]
 
 logger = logging.get_logger(__name__)
+
+# transformers stores DeepSeek-V3 experts per expert on disk (`experts.N.gate_proj.weight`, as the official checkpoint
+# does) and fuses them into 3-D tensors on load, through a conversion mapping looked up by `model_type`. Ours shares
+# upstream's on-disk layout, so it registers the same mapping; it lives here, not in `__init__`, because a checkpoint
+# loaded with `trust_remote_code=True` only imports this file.
+register_checkpoint_conversion_mapping(
+    DeepseekV3MultimodalConfig.model_type, get_checkpoint_conversion_mapping("deepseek_v3"), overwrite=True
+)
 
 # The gate's last layer starts at zero weight and this bias: every head starts open (sigmoid(4) = 0.982), so
 # switching the gate on in a pretrained model barely moves its outputs at step 0.

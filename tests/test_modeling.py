@@ -1,0 +1,464 @@
+"""The model: parity with transformers' DeepSeek-V3, causality, cache, generate, features, precision, bad input."""
+
+import pytest
+import torch
+from conftest import TINY_MEDIA_KWARGS, TINY_TEXT_KWARGS
+from test_configuration import load_official_config_dict
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModel, AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+from deepseekv3 import (
+    DeepseekV3MultimodalConfig,
+    DeepseekV3MultimodalForConditionalGeneration,
+    DeepseekV3MultimodalModel,
+)
+
+IMAGE_TOKEN, AUDIO_TOKEN = TINY_MEDIA_KWARGS["image_token_id"], TINY_MEDIA_KWARGS["audio_token_id"]
+NUM_IMAGE_TOKENS = (TINY_MEDIA_KWARGS["image_size"] // TINY_MEDIA_KWARGS["patch_size"]) ** 2
+AUDIO_FRAMES = 12  # 6 audio tokens at stride 2
+
+
+def build_model(config: DeepseekV3MultimodalConfig, attn_implementation: str = "eager"):
+    config._attn_implementation = attn_implementation
+    return DeepseekV3MultimodalForConditionalGeneration(config).eval()
+
+
+def multimodal_batch(batch_size: int = 2, text_before: int = 3, text_after: int = 6) -> dict:
+    """Per row: text, one image, text, one audio clip, text. Ids >= 5 are text (0-4 are special)."""
+    rows = []
+    for _ in range(batch_size):
+        row = (
+            torch.randint(5, 96, (text_before,)).tolist()
+            + [IMAGE_TOKEN] * NUM_IMAGE_TOKENS
+            + torch.randint(5, 96, (2,)).tolist()
+            + [AUDIO_TOKEN] * (AUDIO_FRAMES // 2)
+            + torch.randint(5, 96, (text_after,)).tolist()
+        )
+        rows.append(row)
+    return {
+        "input_ids": torch.tensor(rows),
+        "pixel_values": torch.randn(batch_size, 3, 16, 16),
+        "input_features": torch.randn(batch_size, 8, AUDIO_FRAMES),
+    }
+
+
+@pytest.fixture
+def media_config(tiny_config) -> DeepseekV3MultimodalConfig:
+    tiny_config.use_bidirectional_media_attention = True
+    return tiny_config
+
+
+def make_gates_vary(model) -> None:
+    """The gate starts at a constant; random last-layer weights make it depend on the input, as after training."""
+    for name, param in model.named_parameters():
+        if "head_gate.up_proj" in name:
+            torch.nn.init.normal_(param, std=2.0)
+
+
+# --- Invariant 1: parity with transformers' DeepseekV3ForCausalLM ------------------------------------------------
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("rope", [None, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}])
+def test_gate_off_matches_transformers_logits_both_directions(tiny_text_config, attn_implementation, rope, tmp_path):
+    upstream_config = DeepseekV3Config(
+        **TINY_TEXT_KWARGS, rope_parameters=rope, attn_implementation=attn_implementation
+    )
+    upstream = DeepseekV3ForCausalLM(upstream_config).eval()
+    ours_config = DeepseekV3MultimodalConfig.from_text_config(upstream_config)
+    ours = build_model(ours_config, attn_implementation)
+    ours.load_state_dict(upstream.state_dict(), strict=True)
+    input_ids = torch.randint(0, 96, (2, 24))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :5] = 0  # left padding
+    with torch.no_grad():
+        expected = upstream(input_ids=input_ids, attention_mask=attention_mask).logits
+        actual = ours(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert (actual - expected).abs().max() <= 1e-5
+
+    # the other direction, through files on disk: our checkpoint into transformers' class
+    ours.save_pretrained(tmp_path / "ours")
+    reloaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ours", config=upstream_config).eval()
+    with torch.no_grad():
+        back = reloaded(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert (back - expected).abs().max() <= 1e-5
+
+
+def test_transformers_checkpoint_loads_with_no_missing_or_unexpected_keys(tmp_path):
+    upstream = DeepseekV3ForCausalLM(DeepseekV3Config(**TINY_TEXT_KWARGS))
+    upstream.save_pretrained(tmp_path)
+    _, info = DeepseekV3MultimodalForConditionalGeneration.from_pretrained(
+        tmp_path, config=DeepseekV3MultimodalConfig(**TINY_TEXT_KWARGS), output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+# --- The official 671B configuration on the meta device --------------------------------------------------------
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(param.numel() for param in model.parameters())
+
+
+def test_official_config_parameter_count_matches_transformers_plus_new_parts():
+    official = load_official_config_dict()
+    with torch.device("meta"):
+        upstream_count = count_parameters(DeepseekV3ForCausalLM(DeepseekV3Config.from_dict(official)))
+        plain = DeepseekV3MultimodalConfig.from_dict(official)
+        plain_count = count_parameters(DeepseekV3MultimodalForConditionalGeneration(plain))
+        extended = DeepseekV3MultimodalConfig.from_dict(
+            {
+                **official,
+                "use_attention_gate": True,
+                "use_image_input": True,
+                "image_token_id": 128000,
+                "use_audio_input": True,
+                "audio_token_id": 128001,
+                "num_modality_types": 3,
+                "contrastive_projection_dim": 1024,
+            }
+        )
+        extended_count = count_parameters(DeepseekV3MultimodalForConditionalGeneration(extended))
+    assert upstream_count == plain_count == 671_026_404_352
+
+    hidden, heads, gate_width = 7168, 128, 7168 // 16
+    gate = (512 * gate_width + gate_width) + (gate_width * heads + heads)
+    image = 3 * hidden * 16 * 16 + hidden
+    audio = 80 * hidden * 4 + hidden
+    modality_types = 3 * hidden
+    projections = 3 * hidden * 1024 + 1  # text, image and audio heads + logit_scale
+    assert extended_count - plain_count == 61 * gate + image + audio + modality_types + projections
+
+
+# --- Invariant 2: causality ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_future_tokens_never_change_past_logits(media_config, attn_implementation):
+    model = build_model(media_config, attn_implementation)
+    make_gates_vary(model)
+    batch = multimodal_batch()
+    with torch.no_grad():
+        reference = model(**batch).logits
+    length = batch["input_ids"].shape[1]
+    for position in (length - 1, length - 4, length - 6):  # text positions after the media
+        changed = dict(batch, input_ids=batch["input_ids"].clone())
+        changed["input_ids"][:, position:] = torch.randint(5, 96, changed["input_ids"][:, position:].shape)
+        with torch.no_grad():
+            logits = model(**changed).logits
+        torch.testing.assert_close(logits[:, :position], reference[:, :position], atol=1e-6, rtol=0)
+        assert (logits[:, position:] - reference[:, position:]).abs().max() > 1e-4
+
+
+def test_bidirectional_media_attention_sees_the_whole_span_only_when_on(tiny_config):
+    batch = multimodal_batch(batch_size=1)
+    first_image_position = 3
+    for bidirectional in (False, True):
+        tiny_config.use_bidirectional_media_attention = bidirectional
+        model = build_model(tiny_config)
+        changed_pixels = batch["pixel_values"].clone()
+        changed_pixels[..., -4:, -4:] += 1.0  # only the last patch changes
+        with torch.no_grad():
+            hidden = model.model(**batch).last_hidden_state
+            changed = model.model(**dict(batch, pixel_values=changed_pixels)).last_hidden_state
+        first_patch_moved = (hidden[0, first_image_position] - changed[0, first_image_position]).abs().max() > 1e-5
+        assert bool(first_patch_moved) == bidirectional
+        torch.testing.assert_close(hidden[0, :first_image_position], changed[0, :first_image_position])
+
+
+# --- Invariant 3: cache ----------------------------------------------------------------------------------------
+
+
+def test_incremental_decoding_equals_full_forward_with_gates_and_media(media_config):
+    model = build_model(media_config, "sdpa")
+    make_gates_vary(model)
+    batch = multimodal_batch()
+    input_ids = batch["input_ids"]
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0  # left padding in row 1
+    with torch.no_grad():
+        full = model(**batch, attention_mask=attention_mask).logits
+        prefix = input_ids.shape[1] - 5
+        out = model(**dict(batch, input_ids=input_ids[:, :prefix]), attention_mask=attention_mask[:, :prefix])
+        steps = [out.logits]
+        cache = out.cache
+        for position in range(prefix, input_ids.shape[1]):
+            out = model(
+                input_ids=input_ids[:, position : position + 1],
+                attention_mask=attention_mask[:, : position + 1],
+                cache=cache,
+            )
+            steps.append(out.logits)
+    incremental = torch.cat(steps, dim=1)
+    valid = attention_mask.bool()
+    torch.testing.assert_close(incremental[valid], full[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_does_not_change_a_rows_logits(tiny_config):
+    model = build_model(tiny_config, "sdpa")
+    make_gates_vary(model)
+    input_ids = torch.randint(5, 96, (1, 12))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), input_ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 12, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        alone = model(input_ids=input_ids).logits
+        with_padding = model(input_ids=padded, attention_mask=mask).logits[:, 4:]
+    torch.testing.assert_close(with_padding, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generate_equals_step_by_step_argmax(media_config):
+    model = build_model(media_config, "sdpa")
+    make_gates_vary(model)
+    batch = multimodal_batch(batch_size=1)
+    generated = model.generate(**batch, max_new_tokens=6, do_sample=False)
+
+    sequence = batch["input_ids"]
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(**dict(batch, input_ids=sequence), use_cache=False).logits[:, -1]
+            logits[:, [IMAGE_TOKEN, AUDIO_TOKEN]] = float("-inf")  # suppressed in generation_config
+            sequence = torch.cat([sequence, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, sequence)
+
+
+# --- Save / load -----------------------------------------------------------------------------------------------
+
+
+def test_save_and_reload_through_auto_classes(tiny_config, tmp_path):
+    model = build_model(tiny_config)
+    make_gates_vary(model)
+    batch = multimodal_batch()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "modeling_deepseekv3.py").exists() and (tmp_path / "configuration_deepseekv3.py").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is DeepseekV3MultimodalForConditionalGeneration
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is DeepseekV3MultimodalModel
+    torch.testing.assert_close(base.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+# --- Training machinery ----------------------------------------------------------------------------------------
+
+
+def gradients(model, batch) -> dict:
+    model.zero_grad()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+
+def test_gradient_checkpointing_gives_identical_gradients(media_config):
+    model = build_model(media_config).train()
+    batch = multimodal_batch()
+    plain = gradients(model, batch)
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    checkpointed = gradients(model, batch)
+    assert plain.keys() == checkpointed.keys() and any("head_gate" in name for name in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_loss_is_shifted_cross_entropy(tiny_config):
+    model = build_model(tiny_config)
+    batch = multimodal_batch()
+    labels = batch["input_ids"].clone()
+    labels[:, :3] = -100
+    out = model(**batch, labels=labels)
+    expected = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, 96), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_bfloat16_load_keeps_sensitive_modules_in_float32(tiny_config, tmp_path):
+    build_model(tiny_config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    sensitive = ("norm.weight", "mlp.gate.weight", "e_score_correction_bias", "head_gate", "modality_type_embedding")
+    seen = set()
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if "rotary_emb" in name:
+            continue
+        keep = next((pattern for pattern in sensitive if pattern in name), None)
+        seen.add(keep)
+        assert tensor.dtype == (torch.float32 if keep else torch.bfloat16), name
+    assert seen >= set(sensitive)
+    out = model(**multimodal_batch())  # mixed fp32/bf16 modules run without autocast
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+
+
+# --- Each new config field does what it claims -----------------------------------------------------------------
+
+
+def test_feature_switches_add_exactly_their_parameters(tiny_text_config, tiny_config):
+    plain_keys = set(build_model(tiny_text_config).state_dict())
+    new_keys = set(build_model(tiny_config).state_dict()) - plain_keys
+    prefixes = {key.split(".")[1] if key.startswith("model.") else key for key in new_keys}
+    assert prefixes == {
+        "layers",
+        "image_patch_embedding",
+        "audio_frame_embedding",
+        "modality_type_embedding",
+        "text_projection",
+        "image_projection",
+        "audio_projection",
+        "logit_scale",
+    }
+    assert all("self_attn.head_gate." in key for key in new_keys if key.startswith("model.layers."))
+
+
+def test_attention_gate_values_are_per_head_and_scale_attention(tiny_config):
+    model = build_model(tiny_config)
+    make_gates_vary(model)
+    batch = multimodal_batch()
+    out = model(**batch, output_gate_values=True)
+    assert len(out.gate_values) == tiny_config.num_hidden_layers
+    batch_size, length = batch["input_ids"].shape
+    for gate_values in out.gate_values:
+        assert gate_values.shape == (batch_size, length, tiny_config.num_attention_heads)
+        assert ((gate_values > 0) & (gate_values < 1)).all()
+        assert gate_values.std() > 1e-3  # dynamic: differs across positions and heads
+    gate = model.model.layers[0].self_attn.head_gate
+    assert gate.down_proj.out_features == tiny_config.hidden_size // tiny_config.attention_gate_ratio
+    with torch.no_grad():
+        gate.up_proj.bias.fill_(-1e4)  # every head of layer 0 closed: its attention contributes nothing
+        closed = model(**batch).logits
+        model.model.layers[0].self_attn.o_proj.weight.mul_(3.0)
+        closed_again = model(**batch).logits
+    torch.testing.assert_close(closed, closed_again)
+
+
+def test_skipped_heads_save_work_and_equal_zeroed_gates(tiny_config):
+    model = build_model(tiny_config)
+    batch = multimodal_batch()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.head_gate.up_proj.bias.copy_(torch.tensor([-12.0, -12.0, 4.0, 4.0]))
+    with FlopCounterMode(display=False) as all_heads:
+        with torch.no_grad():
+            model(**batch)
+
+    model.config.attention_gate_skip_threshold = 0.01
+    with FlopCounterMode(display=False) as skipping:
+        with torch.no_grad():
+            skipped = model(**batch, output_gate_values=True)
+    assert skipping.get_total_flops() < all_heads.get_total_flops()
+    assert skipped.gate_values[0][..., :2].max() < 0.01  # the recorded gates still cover every head
+
+    model.config.attention_gate_skip_threshold = 0.0
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.head_gate.up_proj.bias[:2] = -1e4  # sigmoid underflows to exactly 0
+        zeroed = model(**batch).logits
+    torch.testing.assert_close(skipped.logits, zeroed, atol=1e-5, rtol=1e-5)
+
+    model.config.attention_gate_skip_threshold = 0.01
+    model.train()  # never skipped while training
+    with FlopCounterMode(display=False) as training:
+        model(**batch)
+    assert training.get_total_flops() == all_heads.get_total_flops()
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_media_features_reach_the_logits(tiny_config, modality):
+    model = build_model(tiny_config)
+    batch = multimodal_batch()
+    key = "pixel_values" if modality == "image" else "input_features"
+    changed = dict(batch, **{key: batch[key] + 1.0})
+    with torch.no_grad():
+        reference, moved = model(**batch).logits, model(**changed).logits
+    first_media = 3 if modality == "image" else 3 + NUM_IMAGE_TOKENS + 2
+    torch.testing.assert_close(moved[:, :first_media], reference[:, :first_media])
+    assert (moved[:, first_media:] - reference[:, first_media:]).abs().max() > 1e-4
+
+
+def test_padded_audio_frames_are_ignored(tiny_config):
+    model = build_model(tiny_config)
+    batch = multimodal_batch(batch_size=1)
+    padded_features = torch.cat([batch["input_features"], torch.randn(1, 8, 8)], dim=-1)
+    mask = torch.cat([torch.ones(1, AUDIO_FRAMES), torch.zeros(1, 8)], dim=-1)
+    with torch.no_grad():
+        reference = model(**batch).logits
+        padded = model(**dict(batch, input_features=padded_features), input_features_mask=mask).logits
+    torch.testing.assert_close(padded, reference)
+
+
+def test_modality_type_embedding_marks_positions(tiny_config):
+    model = build_model(tiny_config)
+    batch = multimodal_batch()
+    with torch.no_grad():
+        reference = model(**batch).logits
+        model.model.modality_type_embedding.weight[2].normal_()  # audio rows only
+        changed = model(**batch).logits
+        explicit = model(**batch, mm_token_type_ids=model.model.get_modality_ids(batch["input_ids"], None)).logits
+    first_audio = 3 + NUM_IMAGE_TOKENS + 2
+    torch.testing.assert_close(changed[:, :first_audio], reference[:, :first_audio])
+    assert (changed[:, first_audio:] - reference[:, first_audio:]).abs().max() > 1e-4
+    torch.testing.assert_close(explicit, changed)
+
+
+def test_contrastive_features(tiny_config):
+    model = build_model(tiny_config)
+    batch = multimodal_batch()
+    assert model.model.logit_scale.item() == pytest.approx(torch.log(torch.tensor(1 / 0.07)).item())
+    input_ids = torch.randint(5, 96, (2, 7))
+    text = model.get_text_features(input_ids)
+    padded_ids = torch.cat([input_ids, torch.zeros(2, 3, dtype=torch.long)], dim=1)
+    padded_mask = torch.cat([torch.ones(2, 7), torch.zeros(2, 3)], dim=1).long()
+    torch.testing.assert_close(model.get_text_features(padded_ids, padded_mask), text, atol=1e-5, rtol=1e-5)
+    image = model.get_image_features(batch["pixel_values"])
+    audio = model.get_audio_features(batch["input_features"])
+    assert text.shape == image.shape == audio.shape == (2, 16)
+    assert not torch.allclose(image[0], image[1])
+
+
+def test_projection_features_need_their_heads(tiny_text_config):
+    with pytest.raises(ValueError, match="contrastive_projection_dim"):
+        build_model(tiny_text_config).get_text_features(torch.randint(5, 96, (1, 4)))
+
+
+# transformers 5.24 passes flex attention's deprecated `_compile` flag itself; that warning is not ours to fix.
+@pytest.mark.filterwarnings("ignore:_compile flag on create_block_mask:DeprecationWarning")
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "flex_attention"])
+def test_attention_backends_agree_with_eager(media_config, attn_implementation):
+    batch = multimodal_batch()
+    eager = build_model(media_config, "eager")
+    make_gates_vary(eager)
+    other = build_model(DeepseekV3MultimodalConfig(**media_config.to_dict()), attn_implementation)
+    other.load_state_dict(eager.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(**batch).logits, eager(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+# --- Bad input: a ValueError that names the numbers ------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors(tiny_config):
+    model = build_model(tiny_config)
+    batch = multimodal_batch()
+    cases = [
+        (dict(batch, pixel_values=batch["pixel_values"][:1]), "32 image placeholder tokens but the 1 image"),
+        (dict(batch, pixel_values=torch.randn(2, 3, 8, 8)), r"pixel_values must have shape \(num_images, 3, 16, 16\)"),
+        (
+            dict(batch, input_features=torch.randn(2, 5, 12)),
+            r"input_features must have shape \(num_clips, 8, frames\)",
+        ),
+        (dict(batch, input_features=torch.randn(2, 8, 40)), "40 frames"),
+        (dict(batch, input_features=batch["input_features"][:, :, :10]), "12 audio placeholder tokens but the 2"),
+        ({"input_ids": batch["input_ids"]}, "64 image placeholder tokens but no `pixel_values`"[2:]),
+        ({"input_ids": torch.randint(5, 96, (1, 129))}, r"Sequence length 129 .* max_position_embeddings \(128\)"),
+        ({"input_ids": batch["input_ids"], "inputs_embeds": torch.randn(2, 4, 32)}, "got both"),
+        ({}, "got neither"),
+        ({"inputs_embeds": torch.randn(2, 4, 32), "pixel_values": batch["pixel_values"]}, "locate their placeholders"),
+    ]
+    for inputs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(**inputs)
+
+
+def test_media_for_a_modality_the_config_lacks_is_refused(tiny_text_config):
+    model = build_model(tiny_text_config)
+    with pytest.raises(ValueError, match="use_image_input=False"):
+        model(input_ids=torch.randint(5, 96, (1, 4)), pixel_values=torch.randn(1, 3, 16, 16))
