@@ -1,10 +1,10 @@
 """deepseekv3: a DeepSeek-V3-style multimodal model (text, images, audio) for Hugging Face Transformers.
 
-Importing the package registers the model with the Auto classes and marks each class for auto-class saving, so
-`save_pretrained` / `push_to_hub` write `auto_map` and copy the code files next to the weights.
+Importing the package registers the config, models and processor with the Auto classes and marks each class for
+auto-class saving, so `save_pretrained` / `push_to_hub` write `auto_map` and copy the code files next to the weights.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_deepseekv3 import DeepseekV3MultimodalConfig
 from .modeling_deepseekv3 import (
@@ -14,6 +14,7 @@ from .modeling_deepseekv3 import (
     DeepseekV3MultimodalModelOutputWithPast,
     DeepseekV3MultimodalPreTrainedModel,
 )
+from .processing_deepseekv3 import DeepseekV3MultimodalProcessor
 
 __all__ = [
     "DeepseekV3MultimodalConfig",
@@ -22,6 +23,7 @@ __all__ = [
     "DeepseekV3MultimodalForConditionalGeneration",
     "DeepseekV3MultimodalModelOutputWithPast",
     "DeepseekV3MultimodalCausalLMOutputWithPast",
+    "DeepseekV3MultimodalProcessor",
 ]
 
 AutoConfig.register(DeepseekV3MultimodalConfig.model_type, DeepseekV3MultimodalConfig, exist_ok=True)
@@ -30,6 +32,8 @@ AutoModelForCausalLM.register(DeepseekV3MultimodalConfig, DeepseekV3MultimodalFo
 AutoModelForImageTextToText.register(
     DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration, exist_ok=True
 )
+AutoProcessor.register(DeepseekV3MultimodalConfig, DeepseekV3MultimodalProcessor, exist_ok=True)
 DeepseekV3MultimodalConfig.register_for_auto_class("AutoConfig")
 DeepseekV3MultimodalModel.register_for_auto_class("AutoModel")
 DeepseekV3MultimodalForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
+DeepseekV3MultimodalProcessor.register_for_auto_class("AutoProcessor")

@@ -128,7 +128,7 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
-                f"({self.num_key_value_heads})"
+                f"({self.num_key_value_heads}); MLA attention normally sets them equal"
             )
         if self.qk_rope_head_dim % 2 != 0:
             raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even: rotary dims come in pairs")

@@ -311,6 +311,23 @@ class DeepseekV3MultimodalPreTrainedModel(DeepseekV3PreTrainedModel):
     ]
     _keep_in_fp32_modules = _keep_in_fp32_modules_strict
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, listing every model class of this file in `auto_map`.
+
+        transformers records only the saving class there; with the siblings listed, `AutoModel`,
+        `AutoModelForCausalLM` and `AutoModelForImageTextToText` all load the checkpoint with
+        `trust_remote_code=True`.
+        """
+        if self._auto_class is not None:
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": f"{module}.DeepseekV3MultimodalModel",
+                "AutoModelForCausalLM": f"{module}.DeepseekV3MultimodalForConditionalGeneration",
+                "AutoModelForImageTextToText": f"{module}.DeepseekV3MultimodalForConditionalGeneration",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, DeepseekV3MultimodalHeadGate):
@@ -335,6 +352,9 @@ def _replace_rmsnorms(root: nn.Module) -> None:
 
 class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
     """The shared decoder: token, image-patch and audio-frame embeddings in, final hidden states out."""
+
+    # `AutoModel` on a saved `ForConditionalGeneration` checkpoint: the LM head is expected to be left out.
+    _keys_to_ignore_on_load_unexpected = [*DeepseekV3PreTrainedModel._keys_to_ignore_on_load_unexpected, r"lm_head\."]
 
     def __init__(self, config: DeepseekV3MultimodalConfig):
         super().__init__(config)
