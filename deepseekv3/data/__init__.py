@@ -1,0 +1,64 @@
+"""Built-in synthetic multimodal data sets, generated on the fly as `datasets.DatasetDict`s; nothing is downloaded.
+
+- `build_shapes_dataset`: 32x32 images of one to three coloured shapes with captions, one question per image
+  (`color`, `shape`, `count`, `spatial`, and the held-out `color_by_side`), and each object's box.
+- `build_tones_dataset`: 1 s clips of one to three tones (low / mid / high) with captions and questions about pitch,
+  count and order (question type `audio`).
+- `build_multimodal_dataset`: both in one table. `build_text_corpus`: their text, for training the tokenizer.
+- `boxes_to_patch_weights`: the referred objects' boxes as a per-patch distribution (attention distillation).
+- `split_held_out`: the rows of the held-out templates, which instruction tuning leaves to a LoRA fine-tuning task.
+
+Every answer is one word from a closed set (`QUESTION_TEMPLATES[name].answers`), so accuracy is exact match. The
+same seed gives identical data; no two rows share an image or a clip, so the splits are disjoint.
+"""
+
+try:
+    import datasets  # noqa: F401
+except ImportError as error:
+    raise ImportError("deepseekv3.data needs the `datasets` library: pip install 'deepseekv3[train]'") from error
+
+from .multimodal import MULTIMODAL_FEATURES, build_multimodal_dataset, build_text_corpus
+from .questions import (
+    COLORS,
+    DEFAULT_HELD_OUT_TEMPLATES,
+    NUMBER_WORDS,
+    ORDER_WORDS,
+    PITCHES,
+    QUESTION_TEMPLATES,
+    QUESTION_TYPES,
+    RELATIONS,
+    SHAPES,
+    QuestionTemplate,
+    build_messages,
+)
+from .regions import boxes_to_patch_weights
+from .shapes import SHAPES_FEATURES, build_shapes_dataset, draw_shapes
+from .splits import DEFAULT_SPLIT_SIZES, split_held_out
+from .tones import PITCH_FREQUENCIES, TONES_FEATURES, build_tones_dataset, synthesize_tones
+
+__all__ = [
+    "COLORS",
+    "DEFAULT_HELD_OUT_TEMPLATES",
+    "DEFAULT_SPLIT_SIZES",
+    "MULTIMODAL_FEATURES",
+    "NUMBER_WORDS",
+    "ORDER_WORDS",
+    "PITCHES",
+    "PITCH_FREQUENCIES",
+    "QUESTION_TEMPLATES",
+    "QUESTION_TYPES",
+    "RELATIONS",
+    "SHAPES",
+    "SHAPES_FEATURES",
+    "TONES_FEATURES",
+    "QuestionTemplate",
+    "boxes_to_patch_weights",
+    "build_messages",
+    "build_multimodal_dataset",
+    "build_shapes_dataset",
+    "build_text_corpus",
+    "build_tones_dataset",
+    "draw_shapes",
+    "split_held_out",
+    "synthesize_tones",
+]
