@@ -311,6 +311,13 @@ class DeepseekV3MultimodalPreTrainedModel(DeepseekV3PreTrainedModel):
     ]
     _keep_in_fp32_modules = _keep_in_fp32_modules_strict
 
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers decides by searching the model's source file for `@use_experts_implementation`; the experts
+        # here are upstream's `DeepseekV3Experts`, which carry that decorator, so every kernel
+        # (`experts_implementation="grouped_mm"` by default, "eager", ...) applies to them as it does upstream.
+        return True
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, listing every model class of this file in `auto_map`.
 

@@ -84,6 +84,21 @@ def test_gate_off_matches_transformers_logits_both_directions(tiny_text_config, 
     assert (back - expected).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("experts_implementation", ["eager", "grouped_mm"])
+def test_experts_kernels_are_selectable_as_upstream(tiny_text_config, experts_implementation):
+    upstream = DeepseekV3ForCausalLM(DeepseekV3Config(**TINY_TEXT_KWARGS)).eval()
+    assert DeepseekV3MultimodalForConditionalGeneration(tiny_text_config).config._experts_implementation == (
+        upstream.config._experts_implementation
+    )
+    ours = build_model(tiny_text_config)
+    ours.load_state_dict(upstream.state_dict())
+    ours.set_experts_implementation(experts_implementation)
+    assert ours.config._experts_implementation == experts_implementation
+    input_ids = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=input_ids).logits, upstream(input_ids=input_ids).logits)
+
+
 def test_transformers_checkpoint_loads_with_no_missing_or_unexpected_keys(tmp_path):
     upstream = DeepseekV3ForCausalLM(DeepseekV3Config(**TINY_TEXT_KWARGS))
     upstream.save_pretrained(tmp_path)
