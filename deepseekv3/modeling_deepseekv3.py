@@ -22,7 +22,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3Attention,
@@ -124,14 +124,21 @@ class DeepseekV3MultimodalRMSNorm(DeepseekV3RMSNorm):
         return super().forward(hidden_states).to(hidden_states.dtype)
 
 
-def causal_running_mean(values: torch.Tensor, padding_mask: torch.Tensor | None, num_queries: int) -> torch.Tensor:
-    """Mean of `values` over positions `<= t`, for the last `num_queries` positions.
+def causal_running_mean(
+    values: torch.Tensor,
+    padding_mask: torch.Tensor | None,
+    num_queries: int,
+    segment_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean of `values` over positions `<= t` of the same sequence, for the last `num_queries` positions.
 
     Args:
         values (`torch.Tensor` of shape `(batch, kv_len, dim)`): per-position vectors (cached past first).
         padding_mask (`torch.Tensor` of shape `(batch, kv_len)`, *optional*): 1 for real tokens, 0 for padding;
             padding positions count for nothing. `None` means every position is real.
         num_queries (`int`): how many trailing positions to return.
+        segment_ids (`torch.Tensor` of shape `(batch, kv_len)`, *optional*): for packed rows, the sequence each
+            position belongs to (non-decreasing); the mean restarts at every new sequence.
 
     Returns:
         `torch.Tensor` of shape `(batch, num_queries, dim)`, in fp32.
@@ -140,8 +147,17 @@ def causal_running_mean(values: torch.Tensor, padding_mask: torch.Tensor | None,
     if padding_mask is None:
         padding_mask = values.new_ones(values.shape[:2])
     weights = padding_mask.to(values.dtype).unsqueeze(-1)  # (batch, kv_len, 1)
-    running_sum = torch.cumsum(values * weights, dim=1)[:, -num_queries:]
-    running_count = torch.cumsum(weights, dim=1)[:, -num_queries:]
+    weighted = torch.cat([values * weights, weights], dim=-1)  # sums and counts side by side
+    running = torch.cumsum(weighted, dim=1)
+    if segment_ids is not None:
+        # subtract what the earlier sequences of the row had summed by the start of this one
+        positions = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+        is_start = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0), value=True)
+        start_index = torch.cummax(torch.where(is_start, positions, 0), dim=1).values  # (batch, kv_len)
+        before_start = (running - weighted).gather(1, start_index.unsqueeze(-1).expand_as(running))
+        running = running - before_start
+    running = running[:, -num_queries:]
+    running_sum, running_count = running[..., :-1], running[..., -1:]
     return running_sum / running_count.clamp(min=1.0)
 
 
@@ -159,10 +175,16 @@ class DeepseekV3MultimodalHeadGate(nn.Module):
         self.act_fn = ACT2FN["silu"]
         self.up_proj = nn.Linear(config.attention_gate_hidden_size, config.num_attention_heads)
 
-    def forward(self, latent: torch.Tensor, padding_mask: torch.Tensor | None, num_queries: int) -> torch.Tensor:
-        """Args: latent `(batch, kv_len, kv_lora_rank)`; padding_mask `(batch, kv_len)` or None.
-        Returns: gate values `(batch, num_queries, num_heads)` in fp32."""
-        summary = causal_running_mean(latent, padding_mask, num_queries).to(self.down_proj.weight.dtype)
+    def forward(
+        self,
+        latent: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        num_queries: int,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Args: latent `(batch, kv_len, kv_lora_rank)`; padding_mask and segment_ids `(batch, kv_len)` or None
+        (see `causal_running_mean`). Returns: gate values `(batch, num_queries, num_heads)` in fp32."""
+        summary = causal_running_mean(latent, padding_mask, num_queries, segment_ids).to(self.down_proj.weight.dtype)
         return torch.sigmoid(self.up_proj(self.act_fn(self.down_proj(summary))).float())
 
 
@@ -203,6 +225,7 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
         gate_padding_mask: torch.Tensor | None = None,
+        gate_segment_ids: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_length = hidden_states.shape[:-1]
@@ -221,7 +244,8 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
         if cache is not None:
             kv_nope, k_rot = cache.update(kv_nope, k_rot, self.layer_idx, kwargs=kwargs)
 
-        gate_values = self.head_gate(kv_nope.squeeze(1), gate_padding_mask, seq_length)  # (batch, seq, heads)
+        # (batch, seq, heads)
+        gate_values = self.head_gate(kv_nope.squeeze(1), gate_padding_mask, seq_length, gate_segment_ids)
         heads = self._kept_heads(gate_values)
         if heads is not None:
             gate_values = gate_values[..., heads]
@@ -439,12 +463,13 @@ class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             state = "both" if input_ids is not None else "neither"
             raise ValueError(f"Pass exactly one of `input_ids` or `inputs_embeds` (got {state})")
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        past_length = cache.get_seq_length() if cache is not None else 0
         inputs_embeds, block_sequence_ids = self.embed_inputs(
             input_ids, inputs_embeds, pixel_values, input_features, input_features_mask, mm_token_type_ids
         )
+        packed_sequence_ids = _packed_sequence_ids(position_ids, attention_mask, cache, inputs_embeds.shape[0])
+        if use_cache and cache is None and packed_sequence_ids is None:  # packed rows cannot be continued
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
         self._check_length(past_length + inputs_embeds.shape[1])
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
@@ -462,6 +487,7 @@ class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
         if self.config.use_attention_gate:
             is_padding_mask = attention_mask is not None and attention_mask.ndim == 2
             kwargs["gate_padding_mask"] = attention_mask if is_padding_mask else None
+            kwargs["gate_segment_ids"] = packed_sequence_ids
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -713,6 +739,16 @@ class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
                 f"get_{modality}_features needs contrastive_projection_dim set"
                 + ("" if modality == "text" else f" and use_{modality}_input=True")
             )
+
+
+def _packed_sequence_ids(
+    position_ids: torch.LongTensor | None, attention_mask: torch.Tensor | None, cache: Cache | None, batch_size: int
+) -> torch.LongTensor | None:
+    """`(batch, seq_len)` sequence index of each position when rows are packed (position ids restart inside a row,
+    no padding mask, no cache: the convention `create_causal_mask` reads as block-diagonal), else None."""
+    if position_ids is None or attention_mask is not None or cache is not None:
+        return None
+    return find_packed_sequence_indices(position_ids.expand(batch_size, -1))
 
 
 def _masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

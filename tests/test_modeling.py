@@ -236,6 +236,29 @@ def test_greedy_generate_equals_step_by_step_argmax(media_config):
     assert torch.equal(generated, sequence)
 
 
+# --- Invariant 5: packing -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_packed_row_equals_its_sequences_one_by_one(media_config, attn_implementation):
+    model = build_model(media_config, attn_implementation)
+    make_gates_vary(model)
+    first = multimodal_batch(batch_size=1)
+    second_ids = torch.randint(5, 96, (1, 9))
+    third = multimodal_batch(batch_size=1, text_before=1, text_after=2)
+    lengths = [first["input_ids"].shape[1], second_ids.shape[1], third["input_ids"].shape[1]]
+    packed = {
+        "input_ids": torch.cat([first["input_ids"], second_ids, third["input_ids"]], dim=1),
+        "position_ids": torch.cat([torch.arange(length) for length in lengths]).unsqueeze(0),
+        "pixel_values": torch.cat([first["pixel_values"], third["pixel_values"]]),
+        "input_features": torch.cat([first["input_features"], third["input_features"]]),
+    }
+    with torch.no_grad():
+        packed_logits = model(**packed).logits
+        alone = [model(**first).logits, model(input_ids=second_ids).logits, model(**third).logits]
+    torch.testing.assert_close(packed_logits, torch.cat(alone, dim=1), atol=1e-5, rtol=1e-5)
+
+
 # --- Save / load -----------------------------------------------------------------------------------------------
 
 
