@@ -53,6 +53,8 @@ __all__ = [
     "DeepseekV3MultimodalForConditionalGeneration",
     "DeepseekV3MultimodalModelOutputWithPast",
     "DeepseekV3MultimodalCausalLMOutputWithPast",
+    "attention_distillation_loss",
+    "contrastive_loss",
 ]
 
 logger = logging.get_logger(__name__)
@@ -98,13 +100,22 @@ class DeepseekV3MultimodalCausalLMOutputWithPast(ModelOutput):
     """Output of [`DeepseekV3MultimodalForConditionalGeneration`].
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): next-token cross-entropy, when `labels` are given.
-        logits (`torch.FloatTensor` of shape `(batch_size, seq_len, vocab_size)`): language-model logits.
+        loss (`torch.FloatTensor` of shape `()`, *optional*): the sum of the loss terms below that were computed.
+        lm_loss (`torch.FloatTensor` of shape `()`, *optional*): next-token cross-entropy, when `labels` are given.
+        contrastive_loss (`torch.FloatTensor` of shape `()`, *optional*): symmetric InfoNCE between texts and media,
+            when `contrastive_input_ids` are given.
+        distillation_loss (`torch.FloatTensor` of shape `()`, *optional*): KL divergence of the text-to-image
+            attention from `distillation_targets`, when given.
+        logits (`torch.FloatTensor` of shape `(batch_size, seq_len, vocab_size)`, *optional*): language-model
+            logits (absent for a contrastive-only batch).
         cache, hidden_states, attentions, router_logits, gate_values: as in
             [`DeepseekV3MultimodalModelOutputWithPast`].
     """
 
     loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
+    distillation_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -672,6 +683,40 @@ class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
         is_real = torch.arange(frames.shape[1], device=frames.device) < tokens_per_clip[:, None]
         return frames[is_real], tokens_per_clip
 
+    def contrastive_loss(
+        self,
+        text_input_ids: torch.LongTensor,
+        text_attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Symmetric InfoNCE between texts and the media they describe, each encoded alone by the shared decoder.
+
+        Args:
+            text_input_ids (`torch.LongTensor` of shape `(num_pairs, text_len)`): one text per image, then one per
+                audio clip, in that order; text_attention_mask as usual.
+            pixel_values, input_features, input_features_mask: the media, as in `forward`.
+
+        Returns:
+            `torch.Tensor` of shape `()`: see [`contrastive_loss`].
+        """
+        media_features = []
+        if pixel_values is not None:
+            media_features.append(self.get_image_features(pixel_values))
+        if input_features is not None:
+            media_features.append(self.get_audio_features(input_features, input_features_mask))
+        if not media_features:
+            raise ValueError("contrastive_input_ids need media to pair with: pass pixel_values and/or input_features")
+        media_features = torch.cat(media_features)
+        if media_features.shape[0] != text_input_ids.shape[0]:
+            raise ValueError(
+                f"contrastive_input_ids has {text_input_ids.shape[0]} texts but there are {media_features.shape[0]} "
+                "images and audio clips; pair one text with each"
+            )
+        text_features = self.get_text_features(text_input_ids, text_attention_mask)
+        return contrastive_loss(text_features, media_features, self.logit_scale)
+
     def get_text_features(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
     ) -> torch.FloatTensor:
@@ -759,6 +804,73 @@ def _masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor | Non
     return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+def contrastive_loss(
+    text_features: torch.Tensor, media_features: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP): row `i` of `text_features` and row `i` of `media_features` are a pair.
+
+    Args:
+        text_features, media_features (`torch.Tensor` of shape `(batch, dim)`): projected embeddings.
+        logit_scale (`torch.Tensor` of shape `()`): log of the inverse temperature; the scale is capped at 100 as in
+            CLIP, so the temperature cannot collapse.
+
+    Returns:
+        `torch.Tensor` of shape `()`, in fp32.
+    """
+    text_features = F.normalize(text_features.float(), dim=-1)
+    media_features = F.normalize(media_features.float(), dim=-1)
+    logits = logit_scale.float().exp().clamp(max=100.0) * text_features @ media_features.T  # (text, media)
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def attention_distillation_loss(
+    attentions: tuple[torch.Tensor, ...],
+    image_mask: torch.Tensor,
+    query_mask: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """KL(targets || student), averaged over layers; the student is each layer's text-to-image attention.
+
+    For each layer, the attention of every query position in `query_mask` is restricted to the row's image tokens,
+    renormalised to a distribution over the image's patches, and averaged over heads and query positions.
+
+    Args:
+        attentions (`tuple` of `torch.Tensor` of shape `(batch, num_heads, seq_len, seq_len)`): attention
+            probabilities of the layers to distil.
+        image_mask (`torch.Tensor` of shape `(batch, seq_len)`): the image placeholder positions; every row holds
+            exactly one image (`num_patches` positions).
+        query_mask (`torch.Tensor` of shape `(batch, seq_len)`): the text positions whose attention is distilled.
+        targets (`torch.Tensor` of shape `(batch, num_patches)`): the teacher distribution over patches (rows sum
+            to 1): a teacher model's attention, or the referred object's region.
+
+    Returns:
+        `torch.Tensor` of shape `()`, in fp32.
+    """
+    batch_size, num_patches = targets.shape
+    patches_per_row = image_mask.sum(dim=-1)
+    if not bool((patches_per_row == num_patches).all()):
+        raise ValueError(
+            f"distillation needs exactly one image of {num_patches} patches per row; rows have "
+            f"{patches_per_row.tolist()} image tokens"
+        )
+    queries_per_row = query_mask.sum(dim=-1)
+    if not bool((queries_per_row > 0).all()):
+        raise ValueError(f"distillation_query_mask selects no position in rows {(queries_per_row == 0).nonzero()}")
+    image_positions = image_mask.nonzero()[:, 1].view(batch_size, 1, 1, num_patches)
+    query_weights = (query_mask.float() / queries_per_row[:, None]).view(batch_size, 1, -1, 1)
+    targets = targets.float()
+    layer_losses = []
+    for attention in attentions:
+        # (batch, heads, seq_len, num_patches): each query's attention to the image, renormalised over patches
+        to_image = attention.float().gather(-1, image_positions.expand(*attention.shape[:3], num_patches))
+        to_image = to_image / to_image.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+        student = (to_image * query_weights).sum(dim=2).mean(dim=1)  # (batch, num_patches)
+        kl = torch.xlogy(targets, targets) - targets * student.clamp(min=1e-12).log()
+        layer_losses.append(kl.sum(dim=-1).mean())
+    return torch.stack(layer_losses).mean()
+
+
 class DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalPreTrainedModel, GenerationMixin):
     """The shared decoder with the language-model head: next-token prediction over text, images and audio."""
 
@@ -806,6 +918,10 @@ class DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalPreTraine
         input_features_mask: torch.Tensor | None = None,
         mm_token_type_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
+        contrastive_input_ids: torch.LongTensor | None = None,
+        contrastive_attention_mask: torch.Tensor | None = None,
+        distillation_targets: torch.FloatTensor | None = None,
+        distillation_query_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
@@ -814,31 +930,54 @@ class DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalPreTraine
         Args:
             labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): targets for next-token prediction
                 (shifted inside the loss); -100 is ignored.
+            contrastive_input_ids (`torch.LongTensor` of shape `(num_pairs, text_len)`, *optional*): one text per
+                image and audio clip of the call (images first); adds `contrastive_loss`. Without `input_ids` the
+                call computes only that loss.
+            contrastive_attention_mask (`torch.Tensor` of shape `(num_pairs, text_len)`, *optional*).
+            distillation_targets (`torch.FloatTensor` of shape `(batch, num_image_tokens)`, *optional*): teacher
+                distribution over each row's image patches; adds `distillation_loss` (needs eager attention).
+            distillation_query_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): the text positions
+                whose attention to the image is distilled; required with `distillation_targets`.
             logits_to_keep (`int` or `torch.Tensor`): keep only the last `n` positions' logits (0 keeps all).
 
-        The other arguments are those of [`DeepseekV3MultimodalModel.forward`].
+        The other arguments are those of [`DeepseekV3MultimodalModel.forward`]. `loss` is the sum of the terms
+        computed, and each term is returned by name.
         """
+        media = {"pixel_values": pixel_values, "input_features": input_features}
+        losses = {}
+        if contrastive_input_ids is not None:
+            losses["contrastive_loss"] = self.model.contrastive_loss(
+                contrastive_input_ids, contrastive_attention_mask, **media, input_features_mask=input_features_mask
+            )
+            if input_ids is None and inputs_embeds is None:
+                return DeepseekV3MultimodalCausalLMOutputWithPast(loss=losses["contrastive_loss"], **losses)
+        if distillation_targets is not None:
+            self._check_distillation_inputs(input_ids, distillation_query_mask)
+            kwargs["output_attentions"] = True
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
-            pixel_values=pixel_values,
-            input_features=input_features,
+            **media,
             input_features_mask=input_features_mask,
             mm_token_type_ids=mm_token_type_ids,
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-        loss = None
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            losses["lm_loss"] = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        if distillation_targets is not None:
+            image_mask = input_ids == self.config.image_token_id
+            losses["distillation_loss"] = attention_distillation_loss(
+                outputs.attentions, image_mask, distillation_query_mask.bool(), distillation_targets
+            )
         return DeepseekV3MultimodalCausalLMOutputWithPast(
-            loss=loss,
+            loss=sum(losses.values()) if losses else None,
+            **losses,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
@@ -846,3 +985,16 @@ class DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalPreTraine
             router_logits=outputs.router_logits,
             gate_values=outputs.gate_values,
         )
+
+    def _check_distillation_inputs(
+        self, input_ids: torch.LongTensor | None, distillation_query_mask: torch.Tensor | None
+    ) -> None:
+        if self.config._attn_implementation != "eager":
+            raise ValueError(
+                "distillation_targets need the attention probabilities: load or set the model with "
+                f"attn_implementation='eager' (it is {self.config._attn_implementation!r})"
+            )
+        if input_ids is None or distillation_query_mask is None:
+            raise ValueError("distillation_targets need input_ids (to find the image) and distillation_query_mask")
+        if not self.config.use_image_input:
+            raise ValueError("distillation_targets need use_image_input=True")

@@ -12,6 +12,7 @@ from deepseekv3 import (
     DeepseekV3MultimodalForConditionalGeneration,
     DeepseekV3MultimodalModel,
 )
+from deepseekv3.modeling_deepseekv3 import attention_distillation_loss, contrastive_loss
 
 IMAGE_TOKEN, AUDIO_TOKEN = TINY_MEDIA_KWARGS["image_token_id"], TINY_MEDIA_KWARGS["audio_token_id"]
 NUM_IMAGE_TOKENS = (TINY_MEDIA_KWARGS["image_size"] // TINY_MEDIA_KWARGS["patch_size"]) ** 2
@@ -500,3 +501,90 @@ def test_media_for_a_modality_the_config_lacks_is_refused(tiny_text_config):
     model = build_model(tiny_text_config)
     with pytest.raises(ValueError, match="use_image_input=False"):
         model(input_ids=torch.randint(5, 96, (1, 4)), pixel_values=torch.randn(1, 3, 16, 16))
+
+
+# --- Alignment loss terms --------------------------------------------------------------------------------------
+
+
+def test_contrastive_loss_is_symmetric_clip_infonce():
+    text, media = torch.randn(4, 8), torch.randn(4, 8)
+    scale = torch.tensor(2.0)
+    normalized_text, normalized_media = (torch.nn.functional.normalize(x, dim=-1) for x in (text, media))
+    logits = scale.exp() * normalized_text @ normalized_media.T
+    targets = torch.arange(4)
+    expected = (
+        torch.nn.functional.cross_entropy(logits, targets) + torch.nn.functional.cross_entropy(logits.T, targets)
+    ) / 2
+    torch.testing.assert_close(contrastive_loss(text, media, scale), expected)
+    aligned = contrastive_loss(media, media, torch.tensor(4.6))
+    assert aligned < 0.05 < contrastive_loss(media.roll(1, dims=0), media, torch.tensor(4.6))
+
+
+def test_contrastive_batch_returns_only_that_term_and_trains_the_scale(tiny_config):
+    model = build_model(tiny_config).train()
+    batch = multimodal_batch()
+    captions = torch.randint(5, 96, (4, 6))  # two images, then two clips
+    out = model(
+        pixel_values=batch["pixel_values"], input_features=batch["input_features"], contrastive_input_ids=captions
+    )
+    assert out.logits is None and out.lm_loss is None
+    assert out.loss is out.contrastive_loss and out.loss > 0
+    out.loss.backward()
+    assert model.model.logit_scale.grad is not None and model.model.text_projection.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="has 3 texts but there are 4 images and audio clips"):
+        model(
+            pixel_values=batch["pixel_values"],
+            input_features=batch["input_features"],
+            contrastive_input_ids=captions[:3],
+        )
+
+
+def distillation_batch():
+    batch = multimodal_batch()
+    query_mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    query_mask[:, -6:] = True  # the trailing question text
+    targets = torch.zeros(2, NUM_IMAGE_TOKENS)
+    targets[0, :4] = 0.25  # the top row of patches
+    targets[1, -2:] = 0.5
+    return batch, query_mask, targets
+
+
+def test_distillation_loss_is_zero_at_the_students_own_attention_and_trains(tiny_config):
+    model = build_model(tiny_config).train()
+    batch, query_mask, targets = distillation_batch()
+    out = model(**batch, labels=batch["input_ids"], distillation_targets=targets, distillation_query_mask=query_mask)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.distillation_loss)
+
+    with torch.no_grad():  # the layer-average of the model's own text-to-image attention, used as the target
+        attentions = model(**batch, output_attentions=True).attentions
+        image_mask = batch["input_ids"] == IMAGE_TOKEN
+        own = []
+        for attention in attentions:
+            image_positions = image_mask.nonzero()[:, 1].view(2, 1, 1, -1)
+            to_image = attention.gather(-1, image_positions.expand(*attention.shape[:3], NUM_IMAGE_TOKENS))
+            to_image = to_image / to_image.sum(-1, keepdim=True).clamp(min=1e-12)  # no image before it: 0
+            own.append((to_image * query_mask[:, None, :, None]).sum(2).mean(1) / query_mask.sum(1)[:, None])
+    single_layer = attention_distillation_loss(attentions[-1:], image_mask, query_mask, own[-1])
+    assert single_layer.abs() < 1e-5
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = model(**batch, distillation_targets=targets, distillation_query_mask=query_mask).distillation_loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_distillation_refuses_what_it_cannot_compute(tiny_config):
+    batch, query_mask, targets = distillation_batch()
+    sdpa = build_model(DeepseekV3MultimodalConfig(**tiny_config.to_dict()), "sdpa")
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+        sdpa(**batch, distillation_targets=targets, distillation_query_mask=query_mask)
+    eager = build_model(tiny_config)
+    with pytest.raises(ValueError, match="exactly one image of 8 patches per row"):
+        eager(**batch, distillation_targets=targets[:, :8], distillation_query_mask=query_mask)
+    with pytest.raises(ValueError, match="distillation_query_mask"):
+        eager(**batch, distillation_targets=targets)
