@@ -4,6 +4,8 @@ Importing the package registers the config, models and processor with the Auto c
 auto-class saving, so `save_pretrained` / `push_to_hub` write `auto_map` and copy the code files next to the weights.
 """
 
+from importlib.util import find_spec
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_deepseekv3 import DeepseekV3MultimodalConfig
@@ -37,3 +39,10 @@ DeepseekV3MultimodalConfig.register_for_auto_class("AutoConfig")
 DeepseekV3MultimodalModel.register_for_auto_class("AutoModel")
 DeepseekV3MultimodalForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
 DeepseekV3MultimodalProcessor.register_for_auto_class("AutoProcessor")
+
+if (
+    find_spec("peft") is not None
+):  # the optional `train` extra: `LoraConfig()` without target_modules finds our defaults
+    from .training.lora import register_lora_target_modules
+
+    register_lora_target_modules()

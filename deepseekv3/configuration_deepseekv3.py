@@ -119,6 +119,10 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
         # A checkpoint's own `model_type` (e.g. "deepseek_v3" in the official config.json) would otherwise become an
         # instance attribute and be written back by `save_pretrained`; the class decides what this config is.
         kwargs.pop("model_type", None)
+        # Derived by `DeepseekV3Config.__post_init__` from the rope and nope head sizes; a saved or copied value would
+        # be set back on top of the derived one and go stale when those sizes change.
+        kwargs.pop("head_dim", None)
+        kwargs.pop("qk_head_dim", None)
         super().__post_init__(**kwargs)
         self._validate_text_fields()
         self._validate_gate_fields()

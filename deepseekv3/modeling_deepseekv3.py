@@ -217,6 +217,10 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
         threshold = self.config.attention_gate_skip_threshold
         if self.training or threshold <= 0.0:
             return None
+        q_module = self.q_proj if self.q_lora_rank is None else self.q_b_proj
+        if not all(type(module).forward is nn.Linear.forward for module in (q_module, self.kv_b_proj, self.o_proj)):
+            # slicing `.weight` is exact only for a plain linear layer, not an unmerged LoRA or a quantized wrapper
+            return None
         is_open = (gate_values >= threshold).flatten(0, 1).any(dim=0)  # (num_heads,)
         if bool(is_open.all()):
             return None

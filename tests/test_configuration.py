@@ -66,6 +66,12 @@ def test_round_trip_through_auto_config(tmp_path):
     assert loaded.model_type == "deepseekv3_multimodal"
 
 
+def test_derived_head_sizes_follow_the_fields_they_derive_from():
+    saved = DeepseekV3MultimodalConfig(**TINY_TEXT_KWARGS).to_dict()
+    changed = DeepseekV3MultimodalConfig(**{**saved, "qk_rope_head_dim": 16, "qk_nope_head_dim": 4})
+    assert (changed.head_dim, changed.qk_head_dim) == (16, 20)
+
+
 def test_derived_sizes():
     config = DeepseekV3MultimodalConfig(**TINY_TEXT_KWARGS, **TINY_MEDIA_KWARGS)
     assert config.num_image_tokens == (16 // 4) ** 2

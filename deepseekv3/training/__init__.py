@@ -1,0 +1,1 @@
+"""Training on top of transformers Trainer, PEFT and Accelerate: recipes, collators, precision policy, LoRA."""
