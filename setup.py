@@ -20,9 +20,9 @@ setup(
         "pillow",
     ],
     extras_require={
-        "train": ["accelerate>=1.10", "peft>=0.17", "datasets>=5.2,<6"],
+        "train": ["accelerate>=1.10", "peft>=0.17", "datasets>=5.2,<6", "matplotlib"],
         "hub": ["olah"],
-        "dev": ["accelerate>=1.10", "peft>=0.17", "datasets>=5.2,<6", "pytest", "hypothesis", "ruff", "olah"],
+        "dev": ["accelerate>=1.10", "peft>=0.17", "datasets>=5.2,<6", "matplotlib", "pytest", "hypothesis", "ruff", "olah"],
     },
     entry_points={"console_scripts": ["deepseekv3=deepseekv3.cli:main"]},
 )
