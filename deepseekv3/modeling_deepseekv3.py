@@ -135,6 +135,18 @@ class DeepseekV3MultimodalRMSNorm(DeepseekV3RMSNorm):
         return super().forward(hidden_states).to(hidden_states.dtype)
 
 
+class DeepseekV3MultimodalTopkRouter(DeepseekV3TopkRouter):
+    """Upstream's auxiliary-loss-free top-k router, computed in fp32 even under autocast.
+
+    Upstream casts its inputs to fp32, but autocast would still run the routing matmul in bf16/fp16; expert choice is
+    sensitive to rounding, so autocast is switched off here (the weights are kept in fp32 for the same reason).
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            return super().forward(hidden_states)
+
+
 def causal_running_mean(
     values: torch.Tensor,
     padding_mask: torch.Tensor | None,
@@ -195,8 +207,11 @@ class DeepseekV3MultimodalHeadGate(nn.Module):
     ) -> torch.Tensor:
         """Args: latent `(batch, kv_len, kv_lora_rank)`; padding_mask and segment_ids `(batch, kv_len)` or None
         (see `causal_running_mean`). Returns: gate values `(batch, num_queries, num_heads)` in fp32."""
-        summary = causal_running_mean(latent, padding_mask, num_queries, segment_ids).to(self.down_proj.weight.dtype)
-        return torch.sigmoid(self.up_proj(self.act_fn(self.down_proj(summary))).float())
+        # fp32 throughout, autocast or not: the gate decides which heads are skipped
+        with torch.autocast(device_type=latent.device.type, enabled=False):
+            summary = causal_running_mean(latent, padding_mask, num_queries, segment_ids)
+            summary = summary.to(self.down_proj.weight.dtype)
+            return torch.sigmoid(self.up_proj(self.act_fn(self.down_proj(summary))).float())
 
 
 def _head_rows(heads: torch.Tensor, rows_per_head: int) -> torch.Tensor:
@@ -387,13 +402,18 @@ class DeepseekV3MultimodalPreTrainedModel(DeepseekV3PreTrainedModel):
                 init.constant_(module.logit_scale, self.config.contrastive_logit_scale_init)
 
 
-def _replace_rmsnorms(root: nn.Module) -> None:
-    """Swap every upstream RMSNorm under `root` for the dtype-preserving subclass (same weight, same key)."""
+def _replace_sensitive_modules(root: nn.Module, config: DeepseekV3MultimodalConfig) -> None:
+    """Swap every upstream RMSNorm and router under `root` for the subclasses that keep their computation in fp32
+    under mixed precision (same parameters, same state-dict keys; runs before the weights are initialised)."""
     for name, module in list(root.named_modules()):
         if type(module) is DeepseekV3RMSNorm:
-            parent_name, _, child_name = name.rpartition(".")
             replacement = DeepseekV3MultimodalRMSNorm(module.weight.shape[0], eps=module.variance_epsilon)
-            setattr(root.get_submodule(parent_name), child_name, replacement)
+        elif type(module) is DeepseekV3TopkRouter:
+            replacement = DeepseekV3MultimodalTopkRouter(config)
+        else:
+            continue
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(root.get_submodule(parent_name), child_name, replacement)
 
 
 class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
@@ -412,7 +432,7 @@ class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
         )
         self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DeepseekV3RotaryEmbedding(config=config)
-        _replace_rmsnorms(self)
+        _replace_sensitive_modules(self, config)
 
         self.image_patch_embedding = (
             nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size)

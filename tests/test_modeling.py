@@ -588,3 +588,23 @@ def test_distillation_refuses_what_it_cannot_compute(tiny_config):
         eager(**batch, distillation_targets=targets[:, :8], distillation_query_mask=query_mask)
     with pytest.raises(ValueError, match="distillation_query_mask"):
         eager(**batch, distillation_targets=targets)
+
+
+def test_router_and_gates_compute_in_float32_under_autocast(tiny_config):
+    model = build_model(tiny_config)
+    make_gates_vary(model)
+    # their inputs come from bf16 layers under autocast, so each module is compared on one fp32 input
+    gate = model.model.layers[0].self_attn.head_gate
+    latent = torch.randn(2, 12, tiny_config.kv_lora_rank)
+    router = model.model.layers[1].mlp.gate
+    hidden = torch.randn(10, tiny_config.hidden_size)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed_gates, (mixed_logits, _, _) = gate(latent, None, 12), router(hidden)
+        gates, (logits, _, _) = gate(latent, None, 12), router(hidden)
+    assert mixed_gates.dtype == mixed_logits.dtype == torch.float32
+    torch.testing.assert_close(mixed_gates, gates, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(mixed_logits, logits, atol=1e-6, rtol=1e-6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**multimodal_batch(), output_gate_values=True, output_router_logits=True)
+    assert out.router_logits[0].dtype == out.gate_values[0].dtype == torch.float32
