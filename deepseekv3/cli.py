@@ -1,10 +1,12 @@
 """The `deepseekv3` command: argument parsing and dispatch to the package's modules.
 
 deepseekv3 convert SRC DST [--max-shard-size 5GB]
-deepseekv3 demo [--output ./outputs/demo]
+deepseekv3 demo [--output ./outputs/demo] [--quick]
+deepseekv3 train --stage {contrastive,distill,instruct,lora} --output_dir DIR [any TrainingArguments option]
 """
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 
@@ -19,50 +21,23 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    # Placeholder main job until the training recipe replaces it: a tiny random model, greedy generation, a save and
-    # a reload through the Auto classes.
-    import torch
-    from transformers import AutoModelForCausalLM
+    from .training.demo import DemoSettings, format_accuracy_table, run_demo
 
-    from . import DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration
+    settings = DemoSettings(output_dir=args.output, seed=args.seed)
+    if args.quick:
+        settings = DemoSettings.quick(output_dir=args.output, seed=args.seed)
+    report = run_demo(settings)
+    print(format_accuracy_table(report))
+    for example in report["examples"]:
+        print(f"Q: {example['question']}  expected: {example['answer']}  model: {example['generated']!r}")
+    print(f"finished in {report['seconds']:.0f} s; report, plots and the Hub-ready model in {args.output}")
 
-    torch.manual_seed(args.seed)
-    config = DeepseekV3MultimodalConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_routed_experts=8,
-        n_group=4,
-        topk_group=2,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
-        kv_lora_rank=16,
-        q_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = DeepseekV3MultimodalForConditionalGeneration(config).eval()
-    prompt = torch.tensor([args.prompt_ids])
-    generate_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "eos_token_id": None}
-    generated = model.generate(prompt, **generate_kwargs)[0, prompt.shape[1] :].tolist()
-    print(f"prompt token ids:    {args.prompt_ids}")
-    print(f"generated token ids: {generated}")
 
-    model.save_pretrained(args.output)
-    reloaded = AutoModelForCausalLM.from_pretrained(args.output).eval()
-    regenerated = reloaded.generate(prompt, **generate_kwargs)[0, prompt.shape[1] :].tolist()
-    print(f"saved to {args.output}; reloaded as {type(reloaded).__name__}, generates {regenerated}")
-    if regenerated != generated:
-        raise SystemExit("the reloaded model generates different tokens than the saved one")
+def _train(argv: Sequence[str]) -> None:
+    from .training.run import parse_train_arguments, run_training
+
+    output_dir = run_training(*parse_train_arguments(argv))
+    print(f"model and processor saved to {output_dir}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,16 +57,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.set_defaults(handler=_convert)
 
-    demo = commands.add_parser("demo", help="build a tiny model, generate, save and reload it (seconds, CPU)")
-    demo.add_argument("--output", default="./outputs/demo", help="where to save the model (default: %(default)s)")
-    demo.add_argument("--prompt-ids", type=int, nargs="+", default=[1, 5, 6, 7], help="prompt token ids")
-    demo.add_argument("--max-new-tokens", type=int, default=8)
+    demo = commands.add_parser(
+        "demo", help="train a small model through the three alignment stages and LoRA on the built-in data (CPU)"
+    )
+    demo.add_argument("--output", default="./outputs/demo", help="report, plots and model (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke run, not a result")
     demo.set_defaults(handler=_demo)
+
+    commands.add_parser(
+        "train",
+        help="run one stage (--stage contrastive|distill|instruct|lora) with Trainer; every TrainingArguments option",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `deepseekv3` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # HfArgumentParser owns the train arguments (and its --help)
+        _train(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     args.handler(args)
+
+
+if __name__ == "__main__":  # `accelerate launch -m deepseekv3.cli train ...`
+    main()

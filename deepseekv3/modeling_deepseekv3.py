@@ -439,6 +439,9 @@ class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
             if config.use_image_input
             else None
         )
+        self.image_position_embedding = (
+            nn.Embedding(config.num_image_tokens, config.hidden_size) if config.use_image_input else None
+        )
         self.audio_frame_embedding = (
             nn.Conv1d(
                 config.num_mel_bins, config.hidden_size, config.audio_conv_stride, stride=config.audio_conv_stride
@@ -665,7 +668,10 @@ class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
                 f"got {tuple(pixel_values.shape)}"
             )
         patches = self.image_patch_embedding(pixel_values.to(self.image_patch_embedding.weight.dtype))
-        return patches.flatten(2).transpose(1, 2)  # (num_images, num_patches, hidden)
+        patches = patches.flatten(2).transpose(1, 2)  # (num_images, num_patches, hidden)
+        # rotary positions give the decoder the patches' order only; a learned 2-D position per patch (as in ViT)
+        # tells it which row and column each patch comes from
+        return patches + self.image_position_embedding.weight.to(patches.dtype)
 
     def get_audio_embeddings(
         self, input_features: torch.FloatTensor, input_features_mask: torch.Tensor | None = None

@@ -139,7 +139,7 @@ def test_official_config_parameter_count_matches_transformers_plus_new_parts():
 
     hidden, heads, gate_width = 7168, 128, 7168 // 16
     gate = (512 * gate_width + gate_width) + (gate_width * heads + heads)
-    image = 3 * hidden * 16 * 16 + hidden
+    image = 3 * hidden * 16 * 16 + hidden + (224 // 16) ** 2 * hidden  # patch conv + a position per patch
     audio = 80 * hidden * 4 + hidden
     modality_types = 3 * hidden
     projections = 3 * hidden * 1024 + 1  # text, image and audio heads + logit_scale
@@ -338,6 +338,7 @@ def test_feature_switches_add_exactly_their_parameters(tiny_text_config, tiny_co
     assert prefixes == {
         "layers",
         "image_patch_embedding",
+        "image_position_embedding",
         "audio_frame_embedding",
         "modality_type_embedding",
         "text_projection",

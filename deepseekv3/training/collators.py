@@ -1,0 +1,219 @@
+"""Encode the built-in data once, then batch it for each alignment stage.
+
+`encode_rows` runs the processor (chat template, tokenizer, image processor, feature extractor) over rows of the
+built-in data sets, in chunks, and keeps one tokenized example per row; training steps then only pad and stack:
+
+- `InstructionCollator` (stage 3, LoRA): the conversation, labels on the assistant's reply only.
+- `DistillationCollator` (stage 2): the same, plus the referred objects' regions as the teacher distribution over
+  patches (`distillation_targets`) and the question's positions (`distillation_query_mask`).
+- `ContrastiveCollator` (stage 1): every row's caption paired with its image or clip (`contrastive_input_ids`).
+
+A row holds one image (`row["image"]`) or one clip (`row["audio"] = {"array", "sampling_rate"}`); its `messages`
+carry `{"type": "image"}` / `{"type": "audio"}` parts without the media, which `conversation_with_media` puts in.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..configuration_deepseekv3 import DeepseekV3MultimodalConfig
+from ..data import boxes_to_patch_weights
+from ..processing_deepseekv3 import DeepseekV3MultimodalProcessor
+from .packing import MultimodalPaddingCollator
+
+__all__ = [
+    "ContrastiveCollator",
+    "DistillationCollator",
+    "InstructionCollator",
+    "conversation_with_media",
+    "encode_rows",
+]
+
+_MEDIA_KEYS = ("pixel_values", "input_features", "input_features_mask")
+
+
+def _clip(row: Mapping[str, Any]) -> np.ndarray:
+    return np.asarray(row["audio"]["array"], dtype=np.float32)
+
+
+def conversation_with_media(row: Mapping[str, Any], include_answer: bool = True) -> list[dict[str, Any]]:
+    """The row's `messages` with its image or clip put into the media part (the transformers chat convention).
+
+    Args:
+        row (`dict`): a row of the built-in data sets.
+        include_answer (`bool`, *optional*, defaults to `True`): keep the assistant turn (training) or drop it
+            (prompting for generation).
+
+    Returns:
+        `list[dict]`: the conversation.
+    """
+    conversation = []
+    for message in row["messages"]:
+        if message["role"] == "assistant" and not include_answer:
+            continue
+        content = []
+        for part in message["content"]:
+            if part["type"] == "image":
+                content.append({"type": "image", "image": row["image"]})
+            elif part["type"] == "audio":
+                content.append({"type": "audio", "audio": _clip(row)})
+            else:
+                content.append({"type": "text", "text": part["text"]})
+        conversation.append({"role": message["role"], "content": content})
+    return conversation
+
+
+def encode_rows(
+    processor: DeepseekV3MultimodalProcessor,
+    rows: Sequence[Mapping[str, Any]],
+    patch_size: int,
+    chunk_size: int = 64,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Tokenize and process every row once.
+
+    Args:
+        processor (`DeepseekV3MultimodalProcessor`): the model's processor.
+        rows (`Sequence[Mapping]`): rows of the built-in data sets (one image or one clip each).
+        patch_size (`int`): the model's `patch_size` (for the distillation targets).
+        chunk_size (`int`, *optional*, defaults to 64): rows per processor call.
+        progress (`bool`, *optional*, defaults to `True`): show a progress bar.
+
+    Returns:
+        `list[dict]`, one per row: `input_ids`, `labels` (-100 but on the reply), `mm_token_type_ids` (1-D
+        tensors), `prompt_length` (where the reply starts), the media (`pixel_values` `(1, C, H, W)` or
+        `input_features` `(1, mel, frames)` and `input_features_mask`), `caption_ids`, and for image rows
+        `distillation_targets` `(num_patches,)` and `distillation_query_mask` (1-D, the question's positions).
+    """
+    examples = []
+    for start in tqdm(range(0, len(rows), chunk_size), desc="encoding rows", disable=not progress, leave=False):
+        chunk = [rows[index] for index in range(start, min(start + chunk_size, len(rows)))]
+        examples.extend(_encode_chunk(processor, chunk, patch_size))
+    return examples
+
+
+def _encode_chunk(processor, rows, patch_size) -> list[dict[str, Any]]:
+    rates = {row["audio"]["sampling_rate"] for row in rows if row.get("audio") is not None}
+    batch = processor.apply_chat_template(
+        [conversation_with_media(row) for row in rows],
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        processor_kwargs={"return_tensors": "pt", "padding": True, "sampling_rate": rates.pop() if rates else None},
+    )
+    labels = processor.build_assistant_labels(batch["input_ids"], batch["assistant_masks"])
+    captions = processor.tokenizer([row["caption"] for row in rows])["input_ids"]
+    image_index = audio_index = 0
+    examples = []
+    for index, row in enumerate(rows):
+        length = int(batch["attention_mask"][index].sum())
+        example = {
+            "input_ids": batch["input_ids"][index, :length],
+            "labels": labels[index, :length],
+            "mm_token_type_ids": batch["mm_token_type_ids"][index, :length],
+            "caption_ids": torch.tensor(captions[index]),
+        }
+        example["prompt_length"] = int((example["labels"] != -100).nonzero()[0])
+        if row.get("image") is not None:
+            example["pixel_values"] = batch["pixel_values"][image_index : image_index + 1]
+            image_index += 1
+            example.update(_distillation_fields(row, example, processor.image_size, patch_size))
+        else:
+            frames = int(batch["input_features_mask"][audio_index].sum())
+            example["input_features"] = batch["input_features"][audio_index : audio_index + 1, :, :frames]
+            example["input_features_mask"] = batch["input_features_mask"][audio_index : audio_index + 1, :frames]
+            audio_index += 1
+        examples.append(example)
+    return examples
+
+
+def _distillation_fields(row, example, image_size: int, patch_size: int) -> dict[str, torch.Tensor]:
+    # boxes are in the data's pixels; the processor resized the image to the model's image_size
+    scale = image_size / row["image_size"]
+    boxes = [[round(value * scale) for value in row["objects"][index]["box"]] for index in row["referred_objects"]]
+    targets = torch.from_numpy(boxes_to_patch_weights(boxes, image_size, patch_size)).flatten()
+    # the question: text positions after the image and before the reply
+    is_text = example["mm_token_type_ids"] == 0
+    after_image = torch.cumsum(example["mm_token_type_ids"] == 1, dim=0) > 0
+    in_prompt = torch.arange(example["input_ids"].shape[0]) < example["prompt_length"]
+    return {"distillation_targets": targets, "distillation_query_mask": is_text & after_image & in_prompt}
+
+
+class InstructionCollator:
+    """Batches encoded examples for next-token training on the reply: right padding, media in example order.
+
+    Args:
+        config (`DeepseekV3MultimodalConfig`): the model's config (`pad_token_id`, placeholders).
+    """
+
+    def __init__(self, config: DeepseekV3MultimodalConfig):
+        self.padding = MultimodalPaddingCollator(config)
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        keys = ("input_ids", "labels", "mm_token_type_ids", *_MEDIA_KEYS)
+        return self.padding([{key: example[key] for key in keys if key in example} for example in examples])
+
+
+class DistillationCollator(InstructionCollator):
+    """`InstructionCollator` plus `distillation_targets` and `distillation_query_mask` (image examples only)."""
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if any("distillation_targets" not in example for example in examples):
+            raise ValueError("DistillationCollator takes image examples only (filter on modality == 'image')")
+        batch = super().__call__(examples)
+        length = batch["input_ids"].shape[1]
+        batch["distillation_targets"] = torch.stack([example["distillation_targets"] for example in examples])
+        batch["distillation_query_mask"] = torch.stack(
+            [
+                F.pad(example["distillation_query_mask"], (0, length - len(example["input_ids"])))
+                for example in examples
+            ]
+        )
+        return batch
+
+
+class ContrastiveCollator:
+    """Captions paired with their media: image examples first, then audio, as the contrastive loss expects.
+
+    Args:
+        config (`DeepseekV3MultimodalConfig`): the model's config (`pad_token_id`).
+    """
+
+    def __init__(self, config: DeepseekV3MultimodalConfig):
+        self.pad_token_id = config.pad_token_id
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        ordered = [e for e in examples if "pixel_values" in e] + [e for e in examples if "input_features" in e]
+        captions = [example["caption_ids"] for example in ordered]
+        longest = max(len(caption) for caption in captions)
+        batch = {
+            "contrastive_input_ids": torch.stack(
+                [F.pad(caption, (0, longest - len(caption)), value=self.pad_token_id) for caption in captions]
+            ),
+            "contrastive_attention_mask": torch.stack(
+                [(torch.arange(longest) < len(caption)).long() for caption in captions]
+            ),
+        }
+        images = [example["pixel_values"] for example in ordered if "pixel_values" in example]
+        if images:
+            batch["pixel_values"] = torch.cat(images)
+        clips = [example for example in ordered if "input_features" in example]
+        if clips:
+            frames = max(example["input_features"].shape[-1] for example in clips)
+            batch["input_features"] = torch.cat(
+                [
+                    F.pad(example["input_features"], (0, frames - example["input_features"].shape[-1]))
+                    for example in clips
+                ]
+            )
+            batch["input_features_mask"] = torch.cat(
+                [
+                    F.pad(example["input_features_mask"], (0, frames - example["input_features_mask"].shape[-1]))
+                    for example in clips
+                ]
+            )
+        return batch

@@ -1,0 +1,100 @@
+"""The three alignment stages and the LoRA fine-tuning task as `Trainer` recipes.
+
+A recipe decides which rows a stage trains on, which collator turns them into model inputs (and so which loss terms
+the forward computes), which parameters train, and the attention backend it needs:
+
+- `contrastive`: every row, its caption paired with its image or clip; `contrastive_loss` (symmetric InfoNCE).
+- `distill`: the image questions; `distillation_loss` (text-to-image attention against the referred objects'
+  regions) plus `lm_loss` on the answer. Eager attention: the loss reads the attention probabilities.
+- `instruct`: every question except the held-out task; `lm_loss` on the assistant's reply only.
+- `lora`: the held-out task; `lm_loss` on the reply, LoRA adapters only (the model arrives wrapped by PEFT).
+
+Every stage trains all the parameters it reaches (the LM head gets no gradient from the contrastive loss).
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasets import Dataset
+from transformers import PreTrainedModel, TrainingArguments
+
+from ..configuration_deepseekv3 import DeepseekV3MultimodalConfig
+from .collators import ContrastiveCollator, DistillationCollator, InstructionCollator
+from .trainer import DeepseekV3Trainer
+
+__all__ = ["STAGES", "StageArguments", "build_stage_trainer", "select_stage_examples"]
+
+STAGES = ("contrastive", "distill", "instruct", "lora")
+
+
+@dataclass
+class StageArguments:
+    """What to train; parsed with `HfArgumentParser` next to `TrainingArguments`."""
+
+    stage: str = field(default="instruct", metadata={"help": "stage to run", "choices": STAGES})
+    model_name_or_path: str = field(
+        default="", metadata={"help": "saved model + processor folder to start from (empty: build the demo model)"}
+    )
+    num_images: int = field(default=2000, metadata={"help": "images in the built-in data set"})
+    num_clips: int = field(default=1000, metadata={"help": "audio clips in the built-in data set"})
+    dataset_seed: int = field(default=0, metadata={"help": "seed of the built-in data set"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank (stage lora)"})
+
+
+def select_stage_examples(stage: str, rows: Dataset, examples: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The encoded examples (`encode_rows` of `rows`) a stage trains on; see the module docstring."""
+    if stage not in STAGES:
+        raise ValueError(f"stage ({stage!r}) must be one of {STAGES}")
+    if len(rows) != len(examples):
+        raise ValueError(f"{len(rows)} rows but {len(examples)} encoded examples: encode every row once")
+    held_out, modality = rows["held_out"], rows["modality"]
+    keep = {
+        "contrastive": lambda index: True,
+        "distill": lambda index: modality[index] == "image" and not held_out[index],
+        "instruct": lambda index: not held_out[index],
+        "lora": lambda index: held_out[index],
+    }[stage]
+    return [example for index, example in enumerate(examples) if keep(index)]
+
+
+def _collator(stage: str, config: DeepseekV3MultimodalConfig):
+    if stage == "contrastive":
+        return ContrastiveCollator(config)
+    if stage == "distill":
+        return DistillationCollator(config)
+    return InstructionCollator(config)
+
+
+def build_stage_trainer(
+    stage: str,
+    model: PreTrainedModel,
+    train_examples: Sequence[Mapping[str, Any]],
+    args: TrainingArguments,
+    callbacks: Sequence[Any] = (),
+) -> DeepseekV3Trainer:
+    """A `DeepseekV3Trainer` set up for `stage`.
+
+    Args:
+        stage (`str`): one of `STAGES`.
+        model: a `DeepseekV3MultimodalForConditionalGeneration`, or a PEFT model around one for `lora`.
+        train_examples: encoded examples (`encode_rows`), as `select_stage_examples` gives them.
+        args (`TrainingArguments`): every Trainer option; `remove_unused_columns` must be False (the collators read
+            fields the model's forward does not take).
+        callbacks: extra `TrainerCallback`s.
+
+    Returns:
+        `DeepseekV3Trainer`, ready for `.train()`.
+    """
+    if args.remove_unused_columns:
+        raise ValueError("the stage collators read fields the forward does not take: pass remove_unused_columns=False")
+    if stage == "distill":
+        # the distillation loss reads each layer's attention probabilities, which only eager attention returns
+        model.set_attn_implementation("eager")
+    return DeepseekV3Trainer(
+        model=model,
+        args=args,
+        train_dataset=list(train_examples),
+        data_collator=_collator(stage, model.config),
+        callbacks=list(callbacks),
+    )

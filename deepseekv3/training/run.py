@@ -1,0 +1,61 @@
+"""`deepseekv3 train`: run one stage on the built-in data through `Trainer`, from a saved model or from scratch.
+
+Arguments parse with `HfArgumentParser`, so every `TrainingArguments` option is available next to
+`StageArguments`; the same entry point runs under `accelerate launch -m deepseekv3.cli train ...`. The trained
+model (merged, for `lora`) and its processor are saved to `--output_dir`; `--resume_from_checkpoint` continues an
+interrupted run exactly.
+"""
+
+from collections.abc import Sequence
+
+from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
+
+from ..data import build_multimodal_dataset, build_text_corpus
+from ..tokenization import train_tokenizer
+from .collators import encode_rows
+from .demo import DemoSettings, build_demo_model
+from .recipes import StageArguments, build_stage_trainer, select_stage_examples
+
+__all__ = ["parse_train_arguments", "run_training"]
+
+
+def parse_train_arguments(argv: Sequence[str] | None = None) -> tuple[StageArguments, TrainingArguments]:
+    """`StageArguments` and `TrainingArguments` from the command line (`--stage`, `--output_dir`, ...)."""
+    parser = HfArgumentParser((StageArguments, TrainingArguments))
+    stage_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    # the collators read fields the forward does not take
+    training_args.remove_unused_columns = False
+    return stage_args, training_args
+
+
+def run_training(stage_args: StageArguments, training_args: TrainingArguments) -> str:
+    """Train one stage and save the model and processor to `training_args.output_dir`.
+
+    Returns:
+        `str`: the output directory.
+    """
+    set_seed(training_args.seed)
+    data = build_multimodal_dataset(stage_args.num_images, stage_args.num_clips, seed=stage_args.dataset_seed)
+    if stage_args.model_name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(stage_args.model_name_or_path)
+        processor = AutoProcessor.from_pretrained(stage_args.model_name_or_path)
+    else:
+        settings = DemoSettings(seed=training_args.seed)
+        corpus = build_text_corpus(stage_args.num_images, stage_args.num_clips, stage_args.dataset_seed)
+        model, processor = build_demo_model(train_tokenizer(corpus, vocab_size=settings.vocab_size), settings)
+    examples = encode_rows(processor, data["train"], model.config.patch_size)
+    examples = select_stage_examples(stage_args.stage, data["train"], examples)
+    if stage_args.stage == "lora":
+        from peft import get_peft_model
+
+        from .lora import default_lora_config
+
+        model = get_peft_model(model, default_lora_config(r=stage_args.lora_rank, lora_alpha=2 * stage_args.lora_rank))
+    trainer = build_stage_trainer(stage_args.stage, model, examples, training_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if stage_args.stage == "lora":
+        model = model.merge_and_unload()
+    if trainer.is_world_process_zero():
+        model.save_pretrained(training_args.output_dir)
+        processor.save_pretrained(training_args.output_dir)
+    return training_args.output_dir

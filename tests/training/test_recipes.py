@@ -1,0 +1,179 @@
+"""The stage recipes through the real Trainer: each stage trains its loss terms, logs them, and resumes exactly."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+
+from deepseekv3.data import build_multimodal_dataset, build_text_corpus
+from deepseekv3.tokenization import train_tokenizer
+from deepseekv3.training.collators import ContrastiveCollator, DistillationCollator, encode_rows
+from deepseekv3.training.demo import DemoSettings, build_demo_model
+from deepseekv3.training.recipes import STAGES, build_stage_trainer, select_stage_examples
+
+SETTINGS = DemoSettings(hidden_size=48, num_hidden_layers=2, num_images=48, num_clips=24)
+
+
+@pytest.fixture(scope="module")
+def encoded():
+    torch.manual_seed(0)
+    data = build_multimodal_dataset(SETTINGS.num_images, SETTINGS.num_clips, seed=0)
+    tokenizer = train_tokenizer(build_text_corpus(SETTINGS.num_images, SETTINGS.num_clips, 0), vocab_size=320)
+    model, processor = build_demo_model(tokenizer, SETTINGS)
+    examples = encode_rows(processor, data["train"], model.config.patch_size, progress=False)
+    return tokenizer, data["train"], examples
+
+
+def fresh_model(tokenizer):
+    torch.manual_seed(0)
+    return build_demo_model(tokenizer, SETTINGS)[0]
+
+
+def arguments(tmp_path, **overrides) -> TrainingArguments:
+    defaults = {
+        "output_dir": str(tmp_path),
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "remove_unused_columns": False,
+        "seed": 0,
+        "disable_tqdm": True,
+    }
+    return TrainingArguments(**{**defaults, **overrides})
+
+
+def test_stage_rows(encoded):
+    _, rows, examples = encoded
+    chosen = {stage: select_stage_examples(stage, rows, examples) for stage in STAGES}
+    assert len(chosen["contrastive"]) == len(rows)
+    assert all("distillation_targets" in example for example in chosen["distill"])
+    held_out = sum(rows["held_out"])
+    assert 0 < held_out and len(chosen["lora"]) == held_out and len(chosen["instruct"]) == len(rows) - held_out
+    with pytest.raises(ValueError, match="stage \\('pretrain'\\) must be one of"):
+        select_stage_examples("pretrain", rows, examples)
+
+
+@pytest.mark.parametrize(
+    "stage, terms",
+    [
+        ("contrastive", {"contrastive_loss"}),
+        ("distill", {"lm_loss", "distillation_loss"}),
+        ("instruct", {"lm_loss"}),
+    ],
+)
+def test_each_stage_trains_and_logs_its_loss_terms(encoded, tmp_path, stage, terms):
+    tokenizer, rows, examples = encoded
+    model = fresh_model(tokenizer)
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    trainer = build_stage_trainer(stage, model, select_stage_examples(stage, rows, examples), arguments(tmp_path))
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3
+    for entry in logged:
+        assert (
+            terms <= entry.keys() and not ({"lm_loss", "contrastive_loss", "distillation_loss"} - terms) & entry.keys()
+        )
+        assert entry["loss"] == pytest.approx(sum(entry[term] for term in terms), rel=1e-4)
+    changed = {name for name, param in model.named_parameters() if not torch.equal(param, before[name])}
+    assert "model.embed_tokens.weight" in changed
+    if stage == "contrastive":
+        assert {"model.logit_scale", "model.text_projection.weight", "model.image_projection.weight"} <= changed
+        assert "lm_head.weight" not in changed
+
+
+def test_contrastive_batches_pair_captions_with_media_images_first(encoded):
+    tokenizer, rows, examples = encoded
+    audio_first = sorted(examples[:8], key=lambda example: "pixel_values" in example)
+    batch = ContrastiveCollator(fresh_model(tokenizer).config)(audio_first)
+    images = [example for example in audio_first if "pixel_values" in example]
+    assert batch["pixel_values"].shape[0] == len(images)
+    first_caption = images[0]["caption_ids"]
+    torch.testing.assert_close(batch["contrastive_input_ids"][0, : len(first_caption)], first_caption)
+    assert batch["contrastive_input_ids"].shape[0] == batch["pixel_values"].shape[0] + batch["input_features"].shape[0]
+
+
+def test_distillation_targets_are_region_distributions_over_question_positions(encoded):
+    tokenizer, rows, examples = encoded
+    config = fresh_model(tokenizer).config
+    image_examples = select_stage_examples("distill", rows, examples)[:6]
+    batch = DistillationCollator(config)(image_examples)
+    torch.testing.assert_close(batch["distillation_targets"].sum(-1), torch.ones(6))
+    assert batch["distillation_targets"].shape == (6, config.num_image_tokens)
+    queries = batch["distillation_query_mask"]
+    assert queries.any(dim=1).all()
+    assert not (queries & (batch["input_ids"] == config.image_token_id)).any()
+    assert not (queries & (batch["labels"] != -100)).any()
+    with pytest.raises(ValueError, match="image examples only"):
+        DistillationCollator(config)([example for example in examples if "input_features" in example][:2])
+
+
+class _Interrupt(TrainerCallback):
+    """Stops the run the way a killed process would: right after the checkpoint of `step` is on disk."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resuming_after_an_interruption_gives_the_uninterrupted_weights(encoded, tmp_path):
+    tokenizer, rows, examples = encoded
+    chosen = select_stage_examples("instruct", rows, examples)
+    options = {"max_steps": 6, "save_strategy": "steps", "save_steps": 3, "learning_rate": 3e-3}
+
+    uninterrupted = fresh_model(tokenizer)
+    build_stage_trainer("instruct", uninterrupted, chosen, arguments(tmp_path / "straight", **options)).train()
+
+    interrupted = fresh_model(tokenizer)
+    args = arguments(tmp_path / "resumed", **options)
+    trainer = build_stage_trainer("instruct", interrupted, chosen, args, callbacks=[_Interrupt(step=3)])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
+
+    resumed = fresh_model(tokenizer)
+    trainer = build_stage_trainer("instruct", resumed, chosen, args)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    assert trainer.state.global_step == 6
+    for (name, expected), actual in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_train_command_runs_a_stage_and_saves_a_loadable_model(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "deepseekv3.cli",
+        "train",
+        "--stage",
+        "instruct",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--num_images",
+        "24",
+        "--num_clips",
+        "12",
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.use_attention_gate and (tmp_path / "out" / "processor_config.json").exists()
+    help_text = subprocess.run([*command[:4], "--help"], capture_output=True, text=True, timeout=120).stdout
+    assert "--stage" in help_text and "--gradient_accumulation_steps" in help_text
