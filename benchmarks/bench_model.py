@@ -99,7 +99,12 @@ AUDIO_TOKEN_ID = 4
 FIRST_TEXT_TOKEN_ID = 5
 # Gate-on models differ from transformers only by the gates, gate-on-media also by these modules.
 GATE_KEY = ".head_gate."
-MEDIA_KEYS = ("image_patch_embedding.", "audio_frame_embedding.", "modality_type_embedding.")
+MEDIA_KEYS = (
+    "image_patch_embedding.",
+    "image_position_embedding.",
+    "audio_frame_embedding.",
+    "modality_type_embedding.",
+)
 # A CPU round is clean when every step's CPU time / wall time / threads reaches this (see the module docstring);
 # contended rounds are rerun, at most MAX_ROUNDS_FACTOR * repeats rounds in all.
 MIN_CPU_UTILIZATION = 0.8

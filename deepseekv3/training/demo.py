@@ -47,23 +47,25 @@ class DemoSettings:
 
     output_dir: str = "./outputs/demo"
     seed: int = 0
-    num_images: int = 2000
-    num_clips: int = 1000
+    num_images: int = 4000
+    num_clips: int = 2000
     vocab_size: int = 384
     batch_size: int = 32
     learning_rate: float = 3e-3
     stage_steps: dict[str, int] = field(
-        default_factory=lambda: {"contrastive": 150, "distill": 150, "instruct": 400, "lora": 100}
+        default_factory=lambda: {"contrastive": 300, "distill": 400, "instruct": 1500, "lora": 300}
     )
     eval_rows: int = 400
     hidden_size: int = 96
     num_hidden_layers: int = 3
+    image_size: int = 32
+    patch_size: int = 8
 
     @classmethod
     def quick(cls, **overrides: Any) -> "DemoSettings":
         """A smoke run of every step in well under a minute (small data, a few steps per stage): not a result."""
         stage_steps = {"contrastive": 4, "distill": 4, "instruct": 8, "lora": 4}
-        return cls(num_images=120, num_clips=60, stage_steps=stage_steps, eval_rows=40, **overrides)
+        return cls(num_images=200, num_clips=80, stage_steps=stage_steps, eval_rows=60, **overrides)
 
 
 def build_demo_model(
@@ -96,8 +98,8 @@ def build_demo_model(
         use_attention_gate=True,
         attention_gate_ratio=4,
         use_image_input=True,
-        image_size=32,
-        patch_size=8,
+        image_size=settings.image_size,
+        patch_size=settings.patch_size,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         use_audio_input=True,
         num_mel_bins=32,
@@ -154,7 +156,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     set_seed(settings.seed)
     corpus = build_text_corpus(settings.num_images, settings.num_clips, settings.seed)
     tokenizer = train_tokenizer(corpus, vocab_size=settings.vocab_size)
-    data = build_multimodal_dataset(settings.num_images, settings.num_clips, seed=settings.seed)
+    data = build_multimodal_dataset(
+        settings.num_images, settings.num_clips, seed=settings.seed, image_size=settings.image_size
+    )
     seen, held_out = split_held_out(data)
     test = seen["test"].select(range(min(settings.eval_rows, seen["test"].num_rows)))
 

@@ -123,14 +123,21 @@ def test_bf16_trainer_steps_keep_sensitive_modules_fp32(tiny_config, tmp_path):
 
 def _expected_no_decay(name: str) -> bool:
     """The rule, written independently of the implementation: norms, biases, router, head gates, lookup
-    embeddings and the contrastive temperature; conv patch/frame embedding weights and `lm_head` decay."""
+    embeddings (tokens, modality types, image patch positions) and the contrastive temperature; conv patch/frame
+    embedding weights and `lm_head` decay."""
     return (
         name.endswith(".bias")
         or "layernorm" in name
         or name == "model.norm.weight"
         or name.endswith(".mlp.gate.weight")
         or ".head_gate." in name
-        or name in ("model.embed_tokens.weight", "model.modality_type_embedding.weight", "model.logit_scale")
+        or name
+        in (
+            "model.embed_tokens.weight",
+            "model.modality_type_embedding.weight",
+            "model.image_position_embedding.weight",
+            "model.logit_scale",
+        )
     )
 
 
