@@ -52,7 +52,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -61,7 +60,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import transformers
+from _harness import (
+    MEMORY_WORKER_ENV,
+    MIN_CPU_UTILIZATION,
+    kept_rounds,
+    machine_info,
+    memory_baseline,
+    synchronize,
+    time_variants,
+    two_step_memory,
+)
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from deepseekv3 import DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration
@@ -105,10 +113,6 @@ MEDIA_KEYS = (
     "audio_frame_embedding.",
     "modality_type_embedding.",
 )
-# A CPU round is clean when every step's CPU time / wall time / threads reaches this (see the module docstring);
-# contended rounds are rerun, at most MAX_ROUNDS_FACTOR * repeats rounds in all.
-MIN_CPU_UTILIZATION = 0.8
-MAX_ROUNDS_FACTOR = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -227,11 +231,6 @@ def make_step(model: torch.nn.Module, batch: dict) -> Callable[[], float]:
     return step
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def build_all(args: argparse.Namespace) -> tuple[dict[str, Callable[[], float]], dict[str, dict]]:
     """One training-step closure per variant, and what each model resolved to (backends, parameter count)."""
     configs = build_configs(args)
@@ -250,73 +249,18 @@ def build_all(args: argparse.Namespace) -> tuple[dict[str, Callable[[], float]],
     return steps, info
 
 
-def time_variants(
-    steps: dict[str, Callable[[], float]], args: argparse.Namespace, started: float
-) -> tuple[list[dict], dict]:
-    """Warm-up step per variant (first-step losses returned), then interleaved rounds of timed steps.
-
-    Runs until `repeats` rounds are clean (see `MIN_CPU_UTILIZATION`), stopping early (after at least 5 rounds)
-    once `budget_s` seconds have passed since `started`. Returns every round: `{"times": {variant: s},
-    "cpu_utilization": {variant: fraction}, "clean": bool}`.
-    """
-    first_losses = {name: step() for name, step in steps.items()}
-    threads = torch.get_num_threads()
-    rounds = []
-    while sum(r["clean"] for r in rounds) < args.repeats and len(rounds) < MAX_ROUNDS_FACTOR * args.repeats:
-        if len(rounds) >= 5 and time.perf_counter() - started > args.budget_s:
-            print(f"  time budget ({args.budget_s:.0f} s) spent after {len(rounds)} rounds")
-            break
-        shift = len(rounds) % len(VARIANTS)
-        times, utilization = {}, {}
-        for name in VARIANTS[shift:] + VARIANTS[:shift]:
-            gc.collect()
-            synchronize(args.device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            steps[name]()
-            synchronize(args.device)
-            times[name] = time.perf_counter() - start
-            utilization[name] = (time.process_time() - cpu_start) / times[name] / threads
-        clean = args.device != "cpu" or min(utilization.values()) >= MIN_CPU_UTILIZATION
-        rounds.append({"times": times, "cpu_utilization": utilization, "clean": clean})
-        line = ", ".join(f"{n} {times[n]:.2f}s ({utilization[n]:.0%} CPU)" for n in VARIANTS)
-        print(f"  round {len(rounds)}: {line}" + ("" if clean else "  [contended]"))
-    return rounds, first_losses
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_worker(args: argparse.Namespace) -> None:
     """Runs in a fresh process: builds one variant, two steps, prints its memory figures as one JSON line."""
     name = args.memory_worker
     configs = build_configs(args)
     batch = make_batch(configs[name], args, name == "gate_on_media", args.device)
-    cuda = args.device == "cuda"
-    gc.collect()
-    base = torch.cuda.memory_allocated() if cuda else _rss_kib("VmRSS") * 1024
+    base = memory_baseline(args.device)
     torch.manual_seed(0)
     reference = DeepseekV3ForCausalLM(configs["transformers"])
     model = build_model(name, configs, reference).to(args.device)
     del reference
     step = make_step(model, batch)
-    step()  # allocates the AdamW state
-    gc.collect()
-    synchronize(args.device)
-    if cuda:
-        ready = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        ready = _rss_kib("VmRSS") * 1024
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    step()
-    synchronize(args.device)
-    peak = torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024
-    mib = 1024 * 1024
-    print(json.dumps({"peak_mb": (peak - base) / mib, "step_peak_mb": (peak - ready) / mib}))
+    print(json.dumps(two_step_memory(step, args.device, base)))
 
 
 def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
@@ -328,7 +272,7 @@ def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
         command += ["--attn", args.attn, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
         command += ["--image-size", str(args.image_size), "--audio-frames", str(args.audio_frames)]
         command += ["--experts", args.experts]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **MEMORY_WORKER_ENV, "OMP_NUM_THREADS": "1"}
         workers[name] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     memory = {}
     for name, worker in workers.items():
@@ -383,12 +327,6 @@ def profile_gate(
             f"{row['delta_ms']:>8.1f} {calls:>11}"
         )
     return rows[:top]
-
-
-def kept_rounds(rounds: list[dict]) -> list[dict]:
-    """The clean rounds when there are at least 5, else every round (a busy machine; the JSON says so)."""
-    clean = [r for r in rounds if r["clean"]]
-    return clean if len(clean) >= 5 else rounds
 
 
 def summarize(rounds: list[dict], memory: dict, info: dict) -> dict:
@@ -450,22 +388,6 @@ def source_info() -> dict:
     return {"git_commit": git("rev-parse", "HEAD"), "package_modified": None if status is None else bool(status)}
 
 
-def machine_info(args: argparse.Namespace) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": args.device,
-    }
-    if args.device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def main() -> None:
     args = parse_args()
     if args.memory_worker:
@@ -475,7 +397,7 @@ def main() -> None:
     source = source_info()  # the commit the imported package came from (the lead may commit during a run)
     print(f"Building the four variants (batch {args.batch_size} x {args.seq_len}, {args.device}, {args.attn})")
     steps, info = build_all(args)
-    rounds, first_losses = time_variants(steps, args, started)
+    rounds, first_losses = time_variants(steps, VARIANTS, args.repeats, args.budget_s, args.device, started)
     kept = kept_rounds(rounds)
     loss_gap = abs(first_losses["gate_off"] - first_losses["transformers"])
     if loss_gap > 1e-4:
@@ -493,7 +415,7 @@ def main() -> None:
     result = {
         "benchmark": "bench_model",
         "command": " ".join([Path(sys.executable).name, "benchmarks/bench_model.py", *sys.argv[1:]]),
-        "machine": machine_info(args),
+        "machine": machine_info(args.device),
         "source": source,
         "size": {
             "batch_size": args.batch_size,

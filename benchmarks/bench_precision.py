@@ -64,6 +64,14 @@ from pathlib import Path
 import accelerate
 import torch
 import transformers
+from _harness import (
+    MEMORY_WORKER_ENV,
+    kept_rounds,
+    machine_info,
+    memory_baseline,
+    time_variants,
+    two_step_memory,
+)
 
 from deepseekv3 import DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration
 from deepseekv3.training.precision import apply_precision_policy
@@ -101,8 +109,6 @@ FIRST_TEXT_TOKEN_ID = 5
 # bf16 rounds them.
 CHECKPOINTING_LOSS_TOLERANCE = 1e-4
 BF16_LOSS_TOLERANCE = 0.05
-MIN_CPU_UTILIZATION = 0.8  # a clean CPU round, as in bench_model.py
-MAX_ROUNDS_FACTOR = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -160,37 +166,6 @@ def make_step(name: str, model: torch.nn.Module, batch: dict, device: str) -> Ca
     return step
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_variants(steps: dict[str, Callable[[], float]], args: argparse.Namespace, started: float):
-    """Warm-up step per variant (its losses returned), then interleaved rounds (see the module docstring)."""
-    first_losses = {name: step() for name, step in steps.items()}
-    threads = torch.get_num_threads()
-    rounds = []
-    while sum(r["clean"] for r in rounds) < args.repeats and len(rounds) < MAX_ROUNDS_FACTOR * args.repeats:
-        if len(rounds) >= 5 and time.perf_counter() - started > args.budget_s:
-            print(f"  time budget ({args.budget_s:.0f} s) spent after {len(rounds)} rounds")
-            break
-        shift = len(rounds) % len(VARIANTS)
-        times, utilization = {}, {}
-        for name in VARIANTS[shift:] + VARIANTS[:shift]:
-            gc.collect()
-            synchronize(args.device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            steps[name]()
-            synchronize(args.device)
-            times[name] = time.perf_counter() - start
-            utilization[name] = (time.process_time() - cpu_start) / times[name] / threads
-        clean = args.device != "cpu" or min(utilization.values()) >= MIN_CPU_UTILIZATION
-        rounds.append({"times": times, "cpu_utilization": utilization, "clean": clean})
-        line = ", ".join(f"{name} {times[name]:.2f}s" for name in VARIANTS)
-        print(f"  round {len(rounds)}: {line}" + ("" if clean else "  [contended]"))
-    return rounds, first_losses
-
-
 def check_losses(first_losses: dict[str, float]) -> None:
     """The variants train the same weights on the same batch: their first losses must agree."""
     gaps = {
@@ -206,52 +181,23 @@ def check_losses(first_losses: dict[str, float]) -> None:
             raise RuntimeError(f"{name}'s first loss differs from fp32's by {gap:.2e} (> {tolerance}): not comparable")
 
 
-# From benchmarks/bench_model.py (`_rss_kib`, `memory_worker`, `measure_memory`), adapted to these variants.
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_worker(args: argparse.Namespace) -> None:
     """Runs in a fresh process: builds one variant, two steps, prints its memory figures as one JSON line."""
     name = args.memory_worker
     batch = make_batch(args)
-    cuda = args.device == "cuda"
-    gc.collect()
-    base = torch.cuda.memory_allocated() if cuda else _rss_kib("VmRSS") * 1024
+    base = memory_baseline(args.device)
     step = make_step(name, build_model(name, args.device), batch, args.device)
-    step()  # allocates the AdamW state
-    gc.collect()
-    synchronize(args.device)
-    if cuda:
-        ready = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        ready = _rss_kib("VmRSS") * 1024
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    step()
-    synchronize(args.device)
-    peak = torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024
-    mib = 1024 * 1024
-    print(json.dumps({"peak_mb": (peak - base) / mib, "step_peak_mb": (peak - ready) / mib}))
+    print(json.dumps(two_step_memory(step, args.device, base)))
 
 
 def measure_memory(name: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", name, "--device", args.device]
     command += ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, **MEMORY_WORKER_ENV}
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory worker for {name} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def kept_rounds(rounds: list[dict]) -> list[dict]:
-    """The clean rounds when there are at least 5, else every round (a busy machine; the JSON says so)."""
-    clean = [r for r in rounds if r["clean"]]
-    return clean if len(clean) >= 5 else rounds
 
 
 def summarize(rounds: list[dict], memory: dict) -> dict:
@@ -307,22 +253,6 @@ def headline(summary: dict) -> list[dict]:
     ]
 
 
-def machine_info(args: argparse.Namespace) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": args.device,
-    }
-    if args.device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    else:
-        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        info["cpu_bf16_instructions"] = sorted({flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags})
-    return info
-
-
 def main() -> None:
     args = parse_args()
     if args.memory_worker:
@@ -332,7 +262,7 @@ def main() -> None:
     print(f"Building the variants (batch {args.batch_size} x {args.seq_len}, {args.device})")
     batch = make_batch(args)
     steps = {name: make_step(name, build_model(name, args.device), batch, args.device) for name in VARIANTS}
-    rounds, first_losses = time_variants(steps, args, started)
+    rounds, first_losses = time_variants(steps, VARIANTS, args.repeats, args.budget_s, args.device, started)
     check_losses(first_losses)
     kept = kept_rounds(rounds)
     del steps
@@ -346,7 +276,7 @@ def main() -> None:
     result = {
         "benchmark": "bench_precision",
         "command": " ".join([Path(sys.executable).name, "benchmarks/bench_precision.py", *sys.argv[1:]]),
-        "machine": machine_info(args),
+        "machine": machine_info(args.device),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

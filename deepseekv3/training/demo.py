@@ -119,7 +119,9 @@ def build_demo_model(
     return model, processor
 
 
-def _training_args(settings: DemoSettings, stage: str, output_dir: Path, steps: int) -> TrainingArguments:
+def stage_training_arguments(settings: DemoSettings, stage: str, output_dir: Path, steps: int) -> TrainingArguments:
+    """The demo's `TrainingArguments` for `steps` steps of `stage` (cosine schedule, no checkpoints, CPU unless
+    a GPU is there)."""
     return TrainingArguments(
         output_dir=str(output_dir / "checkpoints" / stage),
         max_steps=steps,
@@ -142,7 +144,7 @@ def _training_args(settings: DemoSettings, stage: str, output_dir: Path, steps: 
 def _train_stage(stage, model, examples, settings, output_dir) -> list[dict[str, float]]:
     steps = settings.stage_steps[stage]
     logger.warning(f"stage {stage}: {steps} steps of {settings.batch_size} over {len(examples)} examples")
-    trainer = build_stage_trainer(stage, model, examples, _training_args(settings, stage, output_dir, steps))
+    trainer = build_stage_trainer(stage, model, examples, stage_training_arguments(settings, stage, output_dir, steps))
     trainer.train()
     model.set_attn_implementation("sdpa")
     return [entry for entry in trainer.state.log_history if "loss" in entry]

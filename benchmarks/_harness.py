@@ -1,0 +1,125 @@
+"""Measurement helpers shared by the benchmark scripts: interleaved timing and peak-memory readings.
+
+Timing: one warm-up step per variant, then rounds that run every variant once, the starting variant rotating each
+round. On CPU a round is clean when every step kept the torch threads at least `MIN_CPU_UTILIZATION` busy (process
+CPU time / wall time / threads): when another process takes a core, an OpenMP thread waits at each barrier for its
+descheduled peer and a step runs up to 10x slower at about 1/threads utilisation. Contended rounds are rerun.
+
+Peak memory: measured in a fresh process per variant. On CPU `tracemalloc` cannot see torch's allocations and the
+max RSS is polluted by freed memory glibc keeps, so workers run with `MALLOC_MMAP_THRESHOLD_=65536` (every tensor
+over 64 KiB is its own mmap, returned to the OS when freed) and read the kernel's RSS high-water mark after resetting
+it (`/proc/self/clear_refs` = 5). On CUDA: `torch.cuda.max_memory_allocated`.
+"""
+
+import gc
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+
+MIN_CPU_UTILIZATION = 0.8
+MAX_ROUNDS_FACTOR = 3
+# environment of a memory worker process (see the module docstring)
+MEMORY_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_variants(
+    steps: dict[str, Callable[[], float]],
+    variants: tuple[str, ...],
+    repeats: int,
+    budget_s: float,
+    device: str,
+    started: float,
+) -> tuple[list[dict], dict[str, float]]:
+    """Warm-up step per variant (the first losses are returned), then interleaved rounds of timed steps.
+
+    Runs until `repeats` rounds are clean, stopping early (after at least 5 rounds) once `budget_s` seconds have
+    passed since `started`. Returns every round: `{"times": {variant: s}, "cpu_utilization": {variant: fraction},
+    "clean": bool}`, and the warm-up losses.
+    """
+    first_losses = {name: steps[name]() for name in variants}
+    threads = torch.get_num_threads()
+    rounds = []
+    while sum(r["clean"] for r in rounds) < repeats and len(rounds) < MAX_ROUNDS_FACTOR * repeats:
+        if len(rounds) >= 5 and time.perf_counter() - started > budget_s:
+            print(f"  time budget ({budget_s:.0f} s) spent after {len(rounds)} rounds")
+            break
+        shift = len(rounds) % len(variants)
+        times, utilization = {}, {}
+        for name in variants[shift:] + variants[:shift]:
+            gc.collect()
+            synchronize(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            steps[name]()
+            synchronize(device)
+            times[name] = time.perf_counter() - start
+            utilization[name] = (time.process_time() - cpu_start) / times[name] / threads
+        clean = device != "cpu" or min(utilization.values()) >= MIN_CPU_UTILIZATION
+        rounds.append({"times": times, "cpu_utilization": utilization, "clean": clean})
+        line = ", ".join(f"{n} {times[n]:.2f}s ({utilization[n]:.0%} CPU)" for n in variants)
+        print(f"  round {len(rounds)}: {line}" + ("" if clean else "  [contended]"))
+    return rounds, first_losses
+
+
+def kept_rounds(rounds: list[dict]) -> list[dict]:
+    """The clean rounds when there are at least 5, else every round (a busy machine; the JSON says so)."""
+    clean = [r for r in rounds if r["clean"]]
+    return clean if len(clean) >= 5 else rounds
+
+
+def memory_baseline(device: str) -> int:
+    """Bytes in use before the variant exists (CUDA allocator, or the process RSS)."""
+    gc.collect()
+    return torch.cuda.memory_allocated() if device == "cuda" else _rss_kib("VmRSS") * 1024
+
+
+def two_step_memory(step: Callable[[], float], device: str, base: int) -> dict[str, float]:
+    """Runs `step` twice (the first allocates the optimizer state); returns the second step's peak, in MB, above
+    `base` (`peak_mb`: weights, gradients, optimizer state, activations) and above the memory before it
+    (`step_peak_mb`: what one step adds)."""
+    step()
+    gc.collect()
+    synchronize(device)
+    if device == "cuda":
+        ready = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        ready = _rss_kib("VmRSS") * 1024
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    step()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kib("VmHWM") * 1024
+    mib = 1024 * 1024
+    return {"peak_mb": (peak - base) / mib, "step_peak_mb": (peak - ready) / mib}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
