@@ -3,11 +3,13 @@
 deepseekv3 convert SRC DST [--max-shard-size 5GB]
 deepseekv3 demo [--output ./outputs/demo] [--quick]
 deepseekv3 train --stage {contrastive,distill,instruct,lora} --output_dir DIR [any TrainingArguments option]
+deepseekv3 serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--lite-model DIR] [--max-batch-size 16] ...
 """
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -40,6 +42,37 @@ def _train(argv: Sequence[str]) -> None:
     print(f"model and processor saved to {output_dir}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from .serving.engine import EngineConfig
+    from .serving.launch import build_server
+    from .serving.server import ServerConfig
+
+    server_config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        model_name=args.model_name or Path(args.model_dir).name,
+        max_request_bytes=args.max_request_bytes,
+        max_tokens=args.max_tokens,
+        request_timeout_s=args.request_timeout,
+    )
+    try:
+        engine_config = EngineConfig(
+            max_batch_size=args.max_batch_size,
+            max_batch_tokens=args.max_batch_tokens,
+            max_queue_size=args.max_queue_size,
+        )
+        server = build_server(
+            args.model_dir, server_config, engine_config, args.lite_model, args.engine_state, args.warm_up_system
+        )
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"deepseekv3 serve: error: {error}") from error
+    print(f"serving {server_config.model_name} on {server.url} (POST /v1/chat/completions, GET /health)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `deepseekv3` argument parser, one sub-command per job."""
     parser = argparse.ArgumentParser(
@@ -64,6 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke run, not a result")
     demo.set_defaults(handler=_demo)
+
+    serve = commands.add_parser(
+        "serve", help="serve MODEL_DIR over an OpenAI-compatible HTTP API (/v1/chat/completions, /health)"
+    )
+    serve.add_argument("model_dir", help="directory with the model and its processor (save_pretrained)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
+    serve.add_argument("--model-name", default=None, help="the name clients use (default: the directory's name)")
+    serve.add_argument("--lite-model", default=None, help="a lite model directory: route short text prompts to it")
+    serve.add_argument("--max-batch-size", type=int, default=16, help="(default: %(default)s)")
+    serve.add_argument("--max-batch-tokens", type=int, default=4096, help="(default: %(default)s)")
+    serve.add_argument("--max-queue-size", type=int, default=256, help="(default: %(default)s)")
+    serve.add_argument("--max-request-bytes", type=int, default=16 * 2**20, help="(default: %(default)s)")
+    serve.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens (default: %(default)s)")
+    serve.add_argument("--request-timeout", type=float, default=120.0, help="seconds (default: %(default)s)")
+    serve.add_argument("--engine-state", default=None, help="directory written by Engine.save_state")
+    serve.add_argument(
+        "--warm-up-system", action="append", default=[], help="a system prompt to prefill ahead (repeatable)"
+    )
+    serve.set_defaults(handler=_serve)
 
     commands.add_parser(
         "train",

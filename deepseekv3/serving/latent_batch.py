@@ -1,0 +1,125 @@
+"""The decoding batch of the serving engine: in-flight requests sharing one left-padded MLA latent cache.
+
+DeepSeek-V3's MLA caches, per layer, the normalized compressed latent (`kv_nope`, `(rows, 1, kv_len,
+kv_lora_rank)`) and the rotated single-head key (`k_rot`, `(rows, 1, kv_len, qk_rope_head_dim)`) in a transformers
+`DynamicCache`. Each request is prefilled on its own rows; joining the batch left-pads its cache, or the batch's, to
+the longer of the two, and the attention mask hides the padding. When rows leave, the columns that only held
+padding are dropped, so the batch is always padded to its own longest member and no further (elastic padding).
+Positions are per row (the request's own token count), exactly as `generate` computes them for a left-padded batch.
+"""
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel
+
+__all__ = ["LatentBatch", "cache_layers", "cache_from_layers", "left_pad_layers"]
+
+
+def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The per-layer `(kv_nope, k_rot)` tensors of an MLA cache, each `(rows, 1, kv_len, dim)`."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], model: PreTrainedModel) -> DynamicCache:
+    """A `DynamicCache` holding `layers` (as returned by `cache_layers`). The tensors are not copied: the cache only
+    ever concatenates onto them, so sharing them (with the prefix cache, say) is safe."""
+    return DynamicCache(ddp_cache_data=layers, config=model.config)
+
+
+def left_pad_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> list[tuple[torch.Tensor, ...]]:
+    """Left-pads every cache tensor with zeros along the sequence axis to `length` positions."""
+    return [tuple(F.pad(tensor, (0, 0, length - tensor.shape[-2], 0)) for tensor in pair) for pair in layers]
+
+
+class LatentBatch:
+    """Rows of in-flight requests decoding together on one left-padded `DynamicCache`.
+
+    Attributes:
+        request_ids (`list[int]`): the request of each row.
+        attention_mask (`torch.LongTensor` of shape `(rows, kv_len)`): 1 for real cached positions.
+        positions (`torch.LongTensor` of shape `(rows,)`): the position of each row's next token.
+        next_tokens (`torch.LongTensor` of shape `(rows,)`): the token each row feeds at the next step.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self._clear()
+
+    def _clear(self) -> None:
+        self.request_ids: list[int] = []
+        self.cache: DynamicCache | None = None
+        self.attention_mask = torch.zeros(0, 0, dtype=torch.long)
+        self.positions = torch.zeros(0, dtype=torch.long)
+        self.next_tokens = torch.zeros(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def kv_length(self) -> int:
+        """Cached positions per row, padding included."""
+        return self.attention_mask.shape[1]
+
+    def add(
+        self,
+        request_ids: list[int],
+        cache: DynamicCache,
+        attention_mask: torch.Tensor,
+        next_tokens: torch.Tensor,
+    ) -> None:
+        """Adds prefilled rows: their cache (`rows` = `len(request_ids)`), the mask over its positions `(rows,
+        kv_len)` and the first token each row feeds next."""
+        device = attention_mask.device
+        positions = attention_mask.sum(dim=1)
+        if not self.request_ids:
+            self.request_ids = list(request_ids)
+            self.cache, self.attention_mask = cache, attention_mask.long()
+            self.positions, self.next_tokens = positions, next_tokens.to(device)
+            return
+        length = max(self.kv_length, attention_mask.shape[1])
+        old_layers = left_pad_layers(cache_layers(self.cache), length)
+        new_layers = left_pad_layers(cache_layers(cache), length)
+        merged = [tuple(torch.cat(pair, dim=0) for pair in zip(old, new)) for old, new in zip(old_layers, new_layers)]
+        self.cache = cache_from_layers(merged, self.model)
+        self.attention_mask = torch.cat(
+            [
+                F.pad(self.attention_mask, (length - self.kv_length, 0)),
+                F.pad(attention_mask.long(), (length - attention_mask.shape[1], 0)),
+            ]
+        )
+        self.request_ids += list(request_ids)
+        self.positions = torch.cat([self.positions, positions])
+        self.next_tokens = torch.cat([self.next_tokens, next_tokens.to(device)])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keeps only `rows` (indices into `request_ids`), then drops the leading columns that hold only padding."""
+        if len(rows) == len(self.request_ids):
+            return
+        if not rows:
+            self._clear()
+            return
+        index = torch.tensor(rows, dtype=torch.long)
+        mask = self.attention_mask[index]
+        start = int(mask.any(dim=0).long().argmax())  # first column some remaining row uses
+        layers = [tuple(tensor[index][..., start:, :] for tensor in pair) for pair in cache_layers(self.cache)]
+        self.cache = cache_from_layers(layers, self.model)
+        self.attention_mask = mask[:, start:]
+        self.request_ids = [self.request_ids[row] for row in rows]
+        self.positions = self.positions[index]
+        self.next_tokens = self.next_tokens[index]
+
+    @torch.no_grad()
+    def decode(self) -> torch.Tensor:
+        """Feeds every row its next token; returns the next-token logits `(rows, vocab_size)` in fp32."""
+        attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
+        outputs = self.model(
+            input_ids=self.next_tokens[:, None],
+            attention_mask=attention_mask,
+            position_ids=self.positions[:, None],
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.attention_mask = attention_mask
+        self.positions = self.positions + 1
+        return outputs.logits[:, -1].float()

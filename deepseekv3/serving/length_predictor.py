@@ -1,0 +1,141 @@
+"""Output-length predictor: a small LSTM that reads a prompt's tokens and predicts how many tokens the model will
+generate for it, trained from the engine's own logs of (prompt tokens -> generated length).
+
+The scheduler uses the prediction to group requests of similar total length and to admit them by predicted memory.
+Untrained, it falls back to each request's `max_new_tokens` (the worst case), which is what the engine assumes
+without a predictor.
+"""
+
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
+
+__all__ = ["LengthPredictor", "LengthPredictorConfig", "LengthRecord"]
+
+_CONFIG_NAME = "length_predictor.json"
+_WEIGHTS_NAME = "length_predictor.pt"
+
+
+@dataclass
+class LengthRecord:
+    """One finished request from the engine's log."""
+
+    prompt_ids: list[int]
+    generated_length: int
+    max_new_tokens: int
+
+
+@dataclass
+class LengthPredictorConfig:
+    """Sizes of the predictor.
+
+    Args:
+        vocab_size (`int`): the model's vocabulary size.
+        embedding_size (`int`, defaults to 32), hidden_size (`int`, defaults to 64): LSTM sizes.
+        max_prompt_tokens (`int`, defaults to 128): only the last this-many prompt tokens are read.
+    """
+
+    vocab_size: int
+    embedding_size: int = 32
+    hidden_size: int = 64
+    max_prompt_tokens: int = 128
+
+
+class LengthPredictor(nn.Module):
+    """Embedding -> one-layer LSTM -> linear head on the last state, predicting `log(1 + generated_length)`.
+
+    Args:
+        config (`LengthPredictorConfig`): sizes.
+    """
+
+    def __init__(self, config: LengthPredictorConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_size)
+        self.lstm = nn.LSTM(config.embedding_size, config.hidden_size, batch_first=True)
+        self.head = nn.Linear(config.hidden_size, 1)
+        self.is_trained = False
+
+    def forward(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Predicted `log(1 + generated_length)` of each prompt, shape `(len(prompts),)`."""
+        rows = [torch.tensor(list(prompt)[-self.config.max_prompt_tokens :] or [0]) for prompt in prompts]
+        lengths = torch.tensor([len(row) for row in rows])
+        for row in rows:
+            if int(row.max()) >= self.config.vocab_size or int(row.min()) < 0:
+                raise ValueError(f"prompt token ids must lie in [0, {self.config.vocab_size}), got {row.tolist()}")
+        embedded = self.embedding(pad_sequence(rows, batch_first=True))
+        packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
+        _, (hidden, _) = self.lstm(packed)
+        return self.head(hidden[-1]).squeeze(-1)
+
+    @torch.no_grad()
+    def predict(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> list[float]:
+        """Predicted generated length of each prompt, within `[1, max_new_tokens]`; `max_new_tokens` itself while
+        untrained."""
+        if not self.is_trained:
+            return [float(limit) for limit in max_new_tokens]
+        was_training = self.training
+        self.eval()
+        predicted = torch.expm1(self(prompts)).tolist()
+        self.train(was_training)
+        return [min(max(value, 1.0), float(limit)) for value, limit in zip(predicted, max_new_tokens)]
+
+    def fit(
+        self, records: Sequence[LengthRecord], epochs: int = 30, batch_size: int = 32, lr: float = 1e-2, seed: int = 0
+    ) -> list[float]:
+        """Trains on logged requests (L1 loss on `log(1 + length)`); returns the mean loss of each epoch."""
+        if not records:
+            raise ValueError("fit needs at least one logged request")
+        generator = random.Random(seed)
+        optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+        targets = torch.tensor([math.log1p(record.generated_length) for record in records])
+        order = list(range(len(records)))
+        history = []
+        self.train()
+        for _ in range(epochs):
+            generator.shuffle(order)
+            losses = []
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                predicted = self([records[index].prompt_ids for index in batch])
+                loss = nn.functional.l1_loss(predicted, targets[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+            history.append(sum(losses) / len(losses))
+        self.eval()
+        self.is_trained = True
+        return history
+
+    def mean_absolute_error(self, records: Sequence[LengthRecord]) -> float:
+        """MAE, in tokens, of `predict` on `records` (held-out logs)."""
+        predicted = self.predict([r.prompt_ids for r in records], [r.max_new_tokens for r in records])
+        return sum(abs(p - r.generated_length) for p, r in zip(predicted, records)) / len(records)
+
+    def save(self, directory: str | Path) -> None:
+        """Writes `length_predictor.json` (sizes, trained flag) and `length_predictor.pt` (weights) to `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / _CONFIG_NAME).write_text(json.dumps({**asdict(self.config), "is_trained": self.is_trained}))
+        torch.save(self.state_dict(), directory / _WEIGHTS_NAME)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "LengthPredictor":
+        """Loads what `save` wrote."""
+        directory = Path(directory)
+        if not (directory / _CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"no {_CONFIG_NAME} in {directory}")
+        settings = json.loads((directory / _CONFIG_NAME).read_text())
+        is_trained = settings.pop("is_trained")
+        predictor = cls(LengthPredictorConfig(**settings))
+        predictor.load_state_dict(torch.load(directory / _WEIGHTS_NAME, weights_only=True))
+        predictor.is_trained = is_trained
+        return predictor.eval()
