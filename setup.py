@@ -22,7 +22,20 @@ setup(
     extras_require={
         "train": ["accelerate>=1.10", "peft>=0.17", "datasets>=5.2,<6", "matplotlib"],
         "hub": ["olah"],
-        "dev": ["accelerate>=1.10", "peft>=0.17", "datasets>=5.2,<6", "matplotlib", "pytest", "hypothesis", "ruff", "olah"],
+        "distributed": ["accelerate>=1.10", "deepspeed>=0.19"],
+        "quantization": ["torchao>=0.18"],
+        "dev": [
+            "accelerate>=1.10",
+            "peft>=0.17",
+            "datasets>=5.2,<6",
+            "matplotlib",
+            "deepspeed>=0.19",
+            "torchao>=0.18",
+            "pytest",
+            "hypothesis",
+            "ruff",
+            "olah",
+        ],
     },
     entry_points={"console_scripts": ["deepseekv3=deepseekv3.cli:main"]},
 )

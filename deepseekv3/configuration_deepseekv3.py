@@ -44,7 +44,20 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
             Must be in `[1, hidden_size]`.
         attention_gate_skip_threshold (`float`, *optional*, defaults to 0.0):
             At inference (`model.eval()`), heads whose gate stays below this value for every position of the batch are
-            not computed at all. `0.0` never skips. Must be in `[0, 1)`.
+            not computed at all. `0.0` never skips. Must be in `[0, 1)`. Also set by `model.set_head_skip_threshold`.
+        attention_gate_sparsity_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the gate-sparsity penalty (L1: the mean gate value over layers, heads and real positions) that
+            `forward` adds to the loss as `gate_sparsity_loss` whenever it computes a loss; it teaches gates to close
+            so that heads can be skipped. `0.0` adds nothing. Must be non-negative; needs `use_attention_gate`.
+        attention_block_size (`int`, *optional*):
+            Blockwise local attention for long contexts: the sequence is cut into blocks of this many positions and a
+            query attends (causally) to its own block and the one before, so it sees between `attention_block_size`
+            and `2 * attention_block_size - 1` positions. Built as a transformers mask function, so every attention
+            backend applies it; with `attn_implementation="flex_attention"` the mask is block-sparse and memory grows
+            linearly with the context. `None` is dense causal attention. Must be positive.
+        attention_num_sink_tokens (`int`, *optional*, defaults to 0):
+            With `attention_block_size`, the first positions of every sequence stay visible to all later queries
+            (global "sink" tokens). Must be non-negative; needs `attention_block_size`.
         use_image_input (`bool`, *optional*, defaults to `False`):
             Build the image patch embedding (a strided `Conv2d`) and accept `pixel_values`.
         image_size (`int`, *optional*, defaults to 224):
@@ -90,16 +103,38 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
     ```"""
 
     model_type = "deepseekv3_multimodal"
-    # Upstream shards only the dense MLPs and the experts; attention (and so the head gate inside it), the media
-    # embeddings, modality-type embeddings and projection heads stay replicated on every tensor-parallel rank.
-    base_model_tp_plan = dict(DeepseekV3Config.base_model_tp_plan)
-    # The media embeddings run before the first decoder layer and belong to the first pipeline stage with
-    # `embed_tokens`; `inputs_embeds` already carries them.
+    # Tensor parallel (`from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto"))` under torchrun):
+    # upstream's rules for the dense MLPs, shared and routed experts, plus MLA attention split by heads as
+    # transformers' DeepSeek-V2 does (`q_proj`/`q_b_proj` and `kv_b_proj` column-wise, `o_proj` row-wise;
+    # `mla_kv_a_proj` all-reduces the gradient of the shared rotary key, which bypasses the sharded `kv_b_proj`).
+    # The head gate follows its heads: `up_proj` (one output per head) is column-wise, so each rank gates the heads
+    # it computes; its `down_proj` reads the replicated latent and stays whole. The projection heads are column-wise
+    # with gathered outputs. The media embeddings (convolutions, which no parallel style shards) and the
+    # modality-type embeddings are small and stay replicated: their inputs are identical on every rank and the
+    # gradient reaching `inputs_embeds` is already summed over the ranks' heads, so their gradients are complete.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.q_b_proj": "colwise",
+        "layers.*.self_attn.kv_a_proj_with_mqa": "mla_kv_a_proj",
+        "layers.*.self_attn.kv_b_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.self_attn.head_gate.up_proj": "colwise",
+        **DeepseekV3Config.base_model_tp_plan,
+        "text_projection": "colwise_gather_output",
+        "image_projection": "colwise_gather_output",
+        "audio_projection": "colwise_gather_output",
+    }
+    # Pipeline stages: the media embeddings and modality-type embeddings run inside the embedding step, before the
+    # first decoder layer, so they belong to the first stage with `embed_tokens` (`inputs_embeds` carries them); the
+    # head gates live inside `layers`; the projection heads serve `get_*_features`, not the decoder's forward.
     base_model_pp_plan = dict(DeepseekV3Config.base_model_pp_plan)
 
     use_attention_gate: bool = False
     attention_gate_ratio: int = 16
     attention_gate_skip_threshold: float = 0.0
+    attention_gate_sparsity_weight: float = 0.0
+    attention_block_size: int | None = None
+    attention_num_sink_tokens: int = 0
     use_image_input: bool = False
     image_size: int = 224
     patch_size: int = 16
@@ -126,6 +161,7 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
         super().__post_init__(**kwargs)
         self._validate_text_fields()
         self._validate_gate_fields()
+        self._validate_long_context_fields()
         self._validate_media_fields()
 
     def _validate_text_fields(self) -> None:
@@ -156,6 +192,24 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
             )
         if not 0.0 <= self.attention_gate_skip_threshold < 1.0:
             raise ValueError(f"attention_gate_skip_threshold ({self.attention_gate_skip_threshold}) must be in [0, 1)")
+        if self.attention_gate_sparsity_weight < 0:
+            raise ValueError(
+                f"attention_gate_sparsity_weight ({self.attention_gate_sparsity_weight}) must be non-negative"
+            )
+        if self.attention_gate_sparsity_weight > 0 and not self.use_attention_gate:
+            raise ValueError(
+                f"attention_gate_sparsity_weight ({self.attention_gate_sparsity_weight}) needs use_attention_gate=True"
+            )
+
+    def _validate_long_context_fields(self) -> None:
+        if self.attention_block_size is not None and self.attention_block_size < 1:
+            raise ValueError(f"attention_block_size ({self.attention_block_size}) must be positive")
+        if self.attention_num_sink_tokens < 0:
+            raise ValueError(f"attention_num_sink_tokens ({self.attention_num_sink_tokens}) must be non-negative")
+        if self.attention_num_sink_tokens > 0 and self.attention_block_size is None:
+            raise ValueError(
+                f"attention_num_sink_tokens ({self.attention_num_sink_tokens}) needs attention_block_size set"
+            )
 
     def _validate_media_fields(self) -> None:
         if self.image_size % self.patch_size != 0:

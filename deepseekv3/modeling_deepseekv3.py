@@ -13,6 +13,7 @@ This file is part of the hub-portable core: it imports only the standard library
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,9 @@ __all__ = [
     "DeepseekV3MultimodalModelOutputWithPast",
     "DeepseekV3MultimodalCausalLMOutputWithPast",
     "attention_distillation_loss",
+    "block_local_mask_function",
     "contrastive_loss",
+    "gate_sparsity_loss",
 ]
 
 logger = logging.get_logger(__name__)
@@ -106,6 +109,8 @@ class DeepseekV3MultimodalCausalLMOutputWithPast(ModelOutput):
             when `contrastive_input_ids` are given.
         distillation_loss (`torch.FloatTensor` of shape `()`, *optional*): KL divergence of the text-to-image
             attention from `distillation_targets`, when given.
+        gate_sparsity_loss (`torch.FloatTensor` of shape `()`, *optional*): `attention_gate_sparsity_weight` times
+            the mean gate value, when that weight is positive and another loss term is computed.
         logits (`torch.FloatTensor` of shape `(batch_size, seq_len, vocab_size)`, *optional*): language-model
             logits (absent for a contrastive-only batch).
         cache, hidden_states, attentions, router_logits, gate_values: as in
@@ -116,6 +121,7 @@ class DeepseekV3MultimodalCausalLMOutputWithPast(ModelOutput):
     lm_loss: torch.FloatTensor | None = None
     contrastive_loss: torch.FloatTensor | None = None
     distillation_loss: torch.FloatTensor | None = None
+    gate_sparsity_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -219,12 +225,26 @@ def _head_rows(heads: torch.Tensor, rows_per_head: int) -> torch.Tensor:
     return (heads[:, None] * rows_per_head + torch.arange(rows_per_head, device=heads.device)).reshape(-1)
 
 
+def _is_plain_linear(module: nn.Module) -> bool:
+    """Whether `module` computes exactly `F.linear(inputs, module.weight, module.bias)` on a dense weight."""
+    return type(module).forward is nn.Linear.forward and type(module.weight.data) is torch.Tensor
+
+
 class DeepseekV3MultimodalAttention(DeepseekV3Attention):
     """MLA attention with a dynamic per-head output gate and inference-time head skipping."""
 
     def __init__(self, config: DeepseekV3MultimodalConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.head_gate = DeepseekV3MultimodalHeadGate(config)
+        # heads the last forward computed (None: all of them); read through `skipped_heads`
+        self.last_kept_heads: torch.Tensor | None = None
+
+    def skipped_heads(self) -> list[int]:
+        """Indices of the heads the last forward pass skipped (empty when it computed every head)."""
+        if self.last_kept_heads is None:
+            return []
+        kept = set(self.last_kept_heads.tolist())
+        return [head for head in range(self.config.num_attention_heads) if head not in kept]
 
     def _kept_heads(self, gate_values: torch.Tensor) -> torch.Tensor | None:
         """Heads to compute, or None for all. Only in eval mode: a head is skipped when its gate is below
@@ -233,8 +253,10 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
         if self.training or threshold <= 0.0:
             return None
         q_module = self.q_proj if self.q_lora_rank is None else self.q_b_proj
-        if not all(type(module).forward is nn.Linear.forward for module in (q_module, self.kv_b_proj, self.o_proj)):
-            # slicing `.weight` is exact only for a plain linear layer, not an unmerged LoRA or a quantized wrapper
+        projections = (q_module, self.kv_b_proj, self.o_proj)
+        if not all(_is_plain_linear(module) for module in projections):
+            # slicing `.weight` rows is exact only for a plain linear layer: an unmerged LoRA adds its own term, and a
+            # quantized weight (torchao's `Int8Tensor`) would lose its per-row scales
             return None
         is_open = (gate_values >= threshold).flatten(0, 1).any(dim=0)  # (num_heads,)
         if bool(is_open.all()):
@@ -277,6 +299,7 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
         # (batch, seq, heads)
         gate_values = self.head_gate(kv_nope.squeeze(1), gate_padding_mask, seq_length, gate_segment_ids)
         heads = self._kept_heads(gate_values)
+        self.last_kept_heads = heads
         if heads is not None:
             gate_values = gate_values[..., heads]
 
@@ -287,6 +310,12 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
         query_states = torch.cat((q_pass, q_rot), dim=-1)  # (batch, kept_heads, seq, qk_head_dim)
 
         key_states, value_states = self._expand_kv(kv_nope, k_rot, heads)
+        pad_values = self.config._attn_implementation == "sdpa" and self.v_head_dim < self.qk_head_dim
+        if pad_values:
+            # torch's fused sdpa kernels (the CPU flash kernel among them) need one head size for keys and values;
+            # otherwise sdpa falls back to its math kernel, which materialises the (seq, seq) scores (measured at 8k
+            # tokens on CPU: 17x the time, 2.5 GB against 8 MB). Zero columns leave the first v_head_dim unchanged.
+            value_states = F.pad(value_states, (0, self.qk_head_dim - self.v_head_dim))
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -301,6 +330,8 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
             scaling=self.scaling,
             **kwargs,
         )
+        if pad_values:
+            attn_output = attn_output[..., : self.v_head_dim]
         # (batch, seq, kept_heads, v_head_dim) scaled per head, then flattened for o_proj
         attn_output = attn_output * gate_values.unsqueeze(-1).to(attn_output.dtype)
         attn_output = attn_output.reshape(batch_size, seq_length, -1).contiguous()
@@ -340,6 +371,22 @@ class DeepseekV3MultimodalDecoderLayer(DeepseekV3DecoderLayer):
             self.self_attn = DeepseekV3MultimodalAttention(config, layer_idx)
 
 
+_CHECKPOINT_SCOPES = ("layer", "attention")
+
+
+def _checkpointed_attention_forward(attention: nn.Module, checkpoint_func: Callable, *args, **kwargs):
+    """An attention module's forward run under `checkpoint_func` while training with gradients (the
+    `checkpoint_scope="attention"` mode of `activation_checkpointing_enable`): its activations are recomputed in the
+    backward pass while the rest of the decoder layer keeps its own."""
+    if not (attention.training and torch.is_grad_enabled()):
+        return type(attention).forward(attention, *args, **kwargs)
+    if kwargs.get("cache") is not None:
+        # the recompute would write the step's keys and values into the cache a second time
+        logger.warning_once("Caching is incompatible with checkpointing attention. Setting `cache=None`.")
+        kwargs["cache"] = None
+    return checkpoint_func(type(attention).forward, attention, *args, **kwargs)
+
+
 class DeepseekV3MultimodalPreTrainedModel(DeepseekV3PreTrainedModel):
     """Upstream's pre-trained base (router and expert initialisation, attention backends) with our modules."""
 
@@ -372,6 +419,48 @@ class DeepseekV3MultimodalPreTrainedModel(DeepseekV3PreTrainedModel):
         # (`experts_implementation="grouped_mm"` by default, "eager", ...) applies to them as it does upstream.
         return True
 
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """transformers' activation checkpointing, with a choice of what a checkpointed layer recomputes.
+
+        `activation_checkpointing_kwargs` may hold `checkpoint_scope`, popped before the rest reaches
+        `torch.utils.checkpoint.checkpoint`: `"layer"` (default) recomputes whole decoder layers; `"attention"`
+        recomputes only their attention (MLA projections, scores, head gate) and keeps the MoE activations.
+        `every_n_layers` picks the layers either way, so `TrainingArguments(activation_checkpointing=True,
+        activation_checkpointing_kwargs={"every_n_layers": 2, "checkpoint_scope": "attention"})` checkpoints the
+        attention of every second layer. Gradients equal those without checkpointing.
+        """
+        checkpoint_kwargs = dict(activation_checkpointing_kwargs or {})
+        scope = checkpoint_kwargs.pop("checkpoint_scope", "layer")
+        if scope not in _CHECKPOINT_SCOPES:
+            raise ValueError(f"checkpoint_scope ({scope!r}) must be one of {_CHECKPOINT_SCOPES}")
+        if every_n_layers < 1:
+            raise ValueError(f"every_n_layers ({every_n_layers}) must be at least 1")
+        if scope == "attention" and checkpoint_kwargs.get("use_reentrant", False):
+            raise ValueError("checkpoint_scope='attention' needs use_reentrant=False (attention takes keyword inputs)")
+        self._restore_attention_forwards()
+        super().activation_checkpointing_enable(checkpoint_kwargs or None, every_n_layers, offload)
+        if scope == "attention":
+            for layer in self.modules():
+                if isinstance(layer, DeepseekV3MultimodalDecoderLayer) and layer.gradient_checkpointing:
+                    layer.gradient_checkpointing = False
+                    attention = layer.self_attn
+                    # an instance attribute: module hooks stay outside the checkpoint, as for whole layers
+                    attention.forward = partial(
+                        _checkpointed_attention_forward, attention, layer._gradient_checkpointing_func
+                    )
+
+    def activation_checkpointing_disable(self) -> None:
+        """transformers' `activation_checkpointing_disable`, also undoing `checkpoint_scope="attention"`."""
+        self._restore_attention_forwards()
+        super().activation_checkpointing_disable()
+
+    def _restore_attention_forwards(self) -> None:
+        for layer in self.modules():
+            if isinstance(layer, DeepseekV3MultimodalDecoderLayer):
+                layer.self_attn.__dict__.pop("forward", None)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, listing every model class of this file in `auto_map`.
 
@@ -400,6 +489,34 @@ class DeepseekV3MultimodalPreTrainedModel(DeepseekV3PreTrainedModel):
                 init.zeros_(module.modality_type_embedding.weight)
             if module.logit_scale is not None:
                 init.constant_(module.logit_scale, self.config.contrastive_logit_scale_init)
+
+    def set_head_skip_threshold(self, threshold: float) -> None:
+        """Skip, at inference, the heads whose gate is below `threshold` at every position of the batch.
+
+        Sets `config.attention_gate_skip_threshold` (saved with the model); `0.0` computes every head. The skipped
+        heads' query, key/value and output projection rows are left out of the matmuls, which gives the same output
+        as those heads' gates forced to zero. `get_skipped_heads` reports what the last forward skipped.
+
+        Args:
+            threshold (`float`): in `[0, 1)`.
+        """
+        if not self.config.use_attention_gate:
+            raise ValueError("set_head_skip_threshold needs a model with use_attention_gate=True")
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"head skip threshold ({threshold}) must be in [0, 1)")
+        self.config.attention_gate_skip_threshold = threshold
+
+    def get_skipped_heads(self) -> dict[int, list[int]]:
+        """Per decoder layer index, the heads the last forward pass skipped (an empty list: every head computed).
+
+        Returns:
+            `dict[int, list[int]]`, one entry per gated attention layer.
+        """
+        return {
+            module.layer_idx: module.skipped_heads()
+            for module in self.modules()
+            if isinstance(module, DeepseekV3MultimodalAttention)
+        }
 
 
 def _replace_sensitive_modules(root: nn.Module, config: DeepseekV3MultimodalConfig) -> None:
@@ -520,6 +637,7 @@ class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
             attention_mask=attention_mask,
             cache=cache,
             position_ids=position_ids,
+            and_mask_function=self._block_local_mask_function(),
             block_sequence_ids=block_sequence_ids,
         )
         if self.config.use_attention_gate:
@@ -541,6 +659,19 @@ class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
             )
         hidden_states = self.norm(hidden_states)
         return DeepseekV3MultimodalModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+    def _block_local_mask_function(self) -> Callable | None:
+        """`block_local_mask_function` of the config's blockwise attention, or None for dense attention."""
+        if self.config.attention_block_size is None:
+            return None
+        implementation = self.config._attn_implementation
+        if implementation not in ("eager", "sdpa", "flex_attention"):
+            # flash-attention kernels take no mask beyond padding: the blocks would be silently dropped
+            raise ValueError(
+                f"attention_block_size needs an attention implementation that takes a mask (eager, sdpa, "
+                f"flex_attention), not {implementation!r}"
+            )
+        return block_local_mask_function(self.config.attention_block_size, self.config.attention_num_sink_tokens)
 
     def _check_length(self, total_length: int) -> None:
         limit = self.config.max_position_embeddings
@@ -816,6 +947,18 @@ class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
             )
 
 
+def block_local_mask_function(block_size: int, num_sink_tokens: int = 0) -> Callable:
+    """Mask function (transformers' `(batch_idx, head_idx, q_idx, kv_idx) -> bool` convention) of blockwise local
+    attention: key `kv_idx` is visible to query `q_idx` when it lies in the query's block of `block_size` positions or
+    the block before, or among the first `num_sink_tokens` positions. `create_causal_mask` intersects it with the
+    causal (and padding, packing) mask; on packed rows the positions restart with every sequence."""
+
+    def inner_mask(batch_idx: torch.Tensor, head_idx: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor):
+        return (kv_idx // block_size >= q_idx // block_size - 1) | (kv_idx < num_sink_tokens)
+
+    return inner_mask
+
+
 def _packed_sequence_ids(
     position_ids: torch.LongTensor | None, attention_mask: torch.Tensor | None, cache: Cache | None, batch_size: int
 ) -> torch.LongTensor | None:
@@ -832,6 +975,25 @@ def _masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor | Non
         return hidden_states.mean(dim=1)
     weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
     return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def gate_sparsity_loss(gate_values: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """L1 penalty on the head gates (non-negative, so L1 is their mean): the mean over layers, heads and the real
+    positions.
+
+    Args:
+        gate_values (`tuple` of `torch.Tensor` of shape `(batch, seq_len, num_heads)`): one per gated layer.
+        attention_mask (`torch.Tensor` of shape `(batch, kv_len)`, *optional*): 1 for real tokens; any other shape
+            (a prepared 4-D mask) or `None` counts every position.
+
+    Returns:
+        `torch.Tensor` of shape `()`, in fp32.
+    """
+    gates = torch.stack([values.float() for values in gate_values]).mean(dim=(0, -1))  # (batch, seq_len)
+    if attention_mask is None or attention_mask.ndim != 2:
+        return gates.mean()
+    weights = attention_mask[:, -gates.shape[1] :].to(gates.dtype)
+    return (gates * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 def contrastive_loss(
@@ -860,10 +1022,12 @@ def attention_distillation_loss(
     query_mask: torch.Tensor,
     targets: torch.Tensor,
 ) -> torch.Tensor:
-    """KL(targets || student), averaged over layers; the student is each layer's text-to-image attention.
+    """KL(target || student) per query position, averaged over query positions and layers; the student is a layer's
+    text-to-image attention.
 
     For each layer, the attention of every query position in `query_mask` is restricted to the row's image tokens,
-    renormalised to a distribution over the image's patches, and averaged over heads and query positions.
+    renormalised to a distribution over the image's patches and averaged over heads; its KL divergence from the
+    position's target is averaged over the row's query positions, then over rows and layers.
 
     Args:
         attentions (`tuple` of `torch.Tensor` of shape `(batch, num_heads, seq_len, seq_len)`): attention
@@ -871,33 +1035,40 @@ def attention_distillation_loss(
         image_mask (`torch.Tensor` of shape `(batch, seq_len)`): the image placeholder positions; every row holds
             exactly one image (`num_patches` positions).
         query_mask (`torch.Tensor` of shape `(batch, seq_len)`): the text positions whose attention is distilled.
-        targets (`torch.Tensor` of shape `(batch, num_patches)`): the teacher distribution over patches (rows sum
-            to 1): a teacher model's attention, or the referred object's region.
+        targets (`torch.Tensor` of shape `(batch, num_patches)` or `(batch, seq_len, num_patches)`): the teacher
+            distribution over patches (summing to 1), one per row (shared by the row's query positions) or one per
+            position (read at the query positions only): a teacher model's attention, or the region of the object
+            a position names.
 
     Returns:
         `torch.Tensor` of shape `()`, in fp32.
     """
-    batch_size, num_patches = targets.shape
+    batch_size, num_patches = targets.shape[0], targets.shape[-1]
     patches_per_row = image_mask.sum(dim=-1)
     if not bool((patches_per_row == num_patches).all()):
         raise ValueError(
             f"distillation needs exactly one image of {num_patches} patches per row; rows have "
             f"{patches_per_row.tolist()} image tokens"
         )
+    if targets.ndim == 3 and targets.shape[1] != query_mask.shape[1]:
+        raise ValueError(
+            f"per-position distillation_targets cover {targets.shape[1]} positions, the inputs have "
+            f"{query_mask.shape[1]}"
+        )
     queries_per_row = query_mask.sum(dim=-1)
     if not bool((queries_per_row > 0).all()):
         raise ValueError(f"distillation_query_mask selects no position in rows {(queries_per_row == 0).nonzero()}")
     image_positions = image_mask.nonzero()[:, 1].view(batch_size, 1, 1, num_patches)
-    query_weights = (query_mask.float() / queries_per_row[:, None]).view(batch_size, 1, -1, 1)
-    targets = targets.float()
+    query_weights = query_mask.float() / queries_per_row[:, None]  # (batch, seq_len)
+    targets = targets.float() if targets.ndim == 3 else targets.float()[:, None, :]  # (batch, seq_len or 1, patches)
     layer_losses = []
     for attention in attentions:
         # (batch, heads, seq_len, num_patches): each query's attention to the image, renormalised over patches
         to_image = attention.float().gather(-1, image_positions.expand(*attention.shape[:3], num_patches))
         to_image = to_image / to_image.sum(dim=-1, keepdim=True).clamp(min=1e-12)
-        student = (to_image * query_weights).sum(dim=2).mean(dim=1)  # (batch, num_patches)
-        kl = torch.xlogy(targets, targets) - targets * student.clamp(min=1e-12).log()
-        layer_losses.append(kl.sum(dim=-1).mean())
+        student = to_image.mean(dim=1)  # (batch, seq_len, num_patches)
+        kl = (torch.xlogy(targets, targets) - targets * student.clamp(min=1e-12).log()).sum(dim=-1)
+        layer_losses.append((kl * query_weights).sum(dim=-1).mean())
     return torch.stack(layer_losses).mean()
 
 
@@ -964,8 +1135,9 @@ class DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalPreTraine
                 image and audio clip of the call (images first); adds `contrastive_loss`. Without `input_ids` the
                 call computes only that loss.
             contrastive_attention_mask (`torch.Tensor` of shape `(num_pairs, text_len)`, *optional*).
-            distillation_targets (`torch.FloatTensor` of shape `(batch, num_image_tokens)`, *optional*): teacher
-                distribution over each row's image patches; adds `distillation_loss` (needs eager attention).
+            distillation_targets (`torch.FloatTensor` of shape `(batch, num_image_tokens)` or `(batch, seq_len,
+                num_image_tokens)`, *optional*): teacher distribution over each row's image patches, per row or per
+                query position; adds `distillation_loss` (needs eager attention).
             distillation_query_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): the text positions
                 whose attention to the image is distilled; required with `distillation_targets`.
             logits_to_keep (`int` or `torch.Tensor`): keep only the last `n` positions' logits (0 keeps all).
@@ -984,6 +1156,11 @@ class DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalPreTraine
         if distillation_targets is not None:
             self._check_distillation_inputs(input_ids, distillation_query_mask)
             kwargs["output_attentions"] = True
+        penalize_gates = self.config.attention_gate_sparsity_weight > 0 and (
+            labels is not None or distillation_targets is not None
+        )
+        if penalize_gates:
+            kwargs["output_gate_values"] = True
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1004,6 +1181,10 @@ class DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalPreTraine
             image_mask = input_ids == self.config.image_token_id
             losses["distillation_loss"] = attention_distillation_loss(
                 outputs.attentions, image_mask, distillation_query_mask.bool(), distillation_targets
+            )
+        if penalize_gates:
+            losses["gate_sparsity_loss"] = self.config.attention_gate_sparsity_weight * gate_sparsity_loss(
+                outputs.gate_values, attention_mask
             )
         return DeepseekV3MultimodalCausalLMOutputWithPast(
             loss=sum(losses.values()) if losses else None,

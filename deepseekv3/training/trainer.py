@@ -18,7 +18,7 @@ from .precision import PrecisionTrainerMixin
 
 __all__ = ["LOSS_TERMS", "DeepseekV3Trainer"]
 
-LOSS_TERMS = ("lm_loss", "contrastive_loss", "distillation_loss")
+LOSS_TERMS = ("lm_loss", "contrastive_loss", "distillation_loss", "gate_sparsity_loss")
 
 
 class DeepseekV3Trainer(PrecisionTrainerMixin, Trainer):

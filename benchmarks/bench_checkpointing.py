@@ -1,0 +1,296 @@
+"""Activation checkpointing: peak activation memory and step time without, selective and full checkpointing.
+
+Command (from the repository root; no argument runs in under 5 minutes on 2 CPU cores):
+
+    .venv/bin/python benchmarks/bench_checkpointing.py                  # CPU, batch 2 x 512 tokens
+    .venv/bin/python benchmarks/bench_checkpointing.py --device cuda    # same sizes on a GPU
+
+Variants, all of `DeepseekV3MultimodalForConditionalGeneration` at hidden 256, 4 layers (1 dense + 3 MoE), 16 routed
+experts (4 per token), vocabulary 8192, the dynamic head gate on, sdpa attention, fp32, the same weights
+(`torch.manual_seed(0)`) and batch (labels = input_ids), checkpointing switched on through
+`model.activation_checkpointing_enable(...)`, the method `TrainingArguments(activation_checkpointing=True,
+activation_checkpointing_kwargs=...)` calls:
+
+1. `none`: no checkpointing.
+2. `attention_only`: `{"checkpoint_scope": "attention"}`: every layer recomputes its attention (MLA projections,
+   scores, head gate) in the backward pass and keeps its MoE activations.
+3. `every_2nd_layer`: `every_n_layers=2`: layers 0 and 2 are recomputed whole, layers 1 and 3 keep everything.
+4. `full`: every decoder layer is recomputed whole.
+
+A step is forward + backward + `AdamW(lr=1e-4).step()` + `zero_grad(set_to_none=True)`. Time: one process holds the
+four models; after one warm-up step each (whose losses must agree: checkpointing recomputes the same numbers), the
+variants run round-robin with the starting variant rotating, until `--repeats` rounds are clean (every step kept the
+torch threads at least 80% busy) or `--budget-s` has passed (never fewer than 5 rounds); medians, interquartile range
+and the ratio of medians against `none` (`benchmarks/_harness.py`).
+
+Memory, per variant in a fresh subprocess (`_harness.two_step_memory`): `step_peak_mb` is what one training step adds
+on top of the weights, gradients and AdamW state held before it, i.e. the activations and transient buffers that
+checkpointing targets (the "peak activation memory" of the issue); `peak_mb` adds the rest. CPU: RSS high-water mark
+with `MALLOC_MMAP_THRESHOLD_=65536`; CUDA: `max_memory_allocated`.
+
+Headline: full checkpointing's activation-memory reduction (target >= 40%) and step-time increase (target <= 35%),
+and the same two figures for the selective variants (no target).
+
+Writes `benchmarks/results/bench_checkpointing.json` (machine, versions, sizes, every round, `headline`).
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import accelerate
+import torch
+import transformers
+from _harness import (
+    MEMORY_WORKER_ENV,
+    kept_rounds,
+    machine_info,
+    memory_baseline,
+    time_variants,
+    two_step_memory,
+)
+
+from deepseekv3 import DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration
+
+VARIANTS = ("none", "attention_only", "every_2nd_layer", "full")
+RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_checkpointing.json"
+MODEL_KWARGS = {
+    "vocab_size": 8192,
+    "hidden_size": 256,
+    "intermediate_size": 704,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "n_shared_experts": 1,
+    "n_routed_experts": 16,
+    "n_group": 4,
+    "topk_group": 2,
+    "num_experts_per_tok": 4,
+    "q_lora_rank": 128,
+    "kv_lora_rank": 64,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 32,
+    "max_position_embeddings": 4096,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "use_attention_gate": True,
+    "attn_implementation": "sdpa",
+}
+FIRST_TEXT_TOKEN_ID = 5
+CHECKPOINTING = {
+    "attention_only": {"activation_checkpointing_kwargs": {"checkpoint_scope": "attention"}},
+    "every_2nd_layer": {"every_n_layers": 2},
+    "full": {},
+}
+# the warm-up losses must agree: checkpointing recomputes the same fp32 numbers
+LOSS_TOLERANCE = 1e-5
+MEMORY_TARGET = 0.40  # full checkpointing: at least 40% less activation memory
+TIME_TARGET = 0.35  # ... for at most 35% more step time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=8, help="clean timed rounds after the warm-up (at least 5)")
+    parser.add_argument(
+        "--budget-s", type=float, default=120.0, help="start no timed round after this many seconds (5 rounds run)"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
+    parser.add_argument("--memory-worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be at least 5")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    return args
+
+
+def build_model(name: str, device: str) -> DeepseekV3MultimodalForConditionalGeneration:
+    """Variant `name`'s model, with the weights of `torch.manual_seed(0)`."""
+    torch.manual_seed(0)
+    model = DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalConfig(**MODEL_KWARGS)).to(device)
+    if name != "none":
+        model.activation_checkpointing_enable(**CHECKPOINTING[name])
+    return model.train()
+
+
+def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    shape = (args.batch_size, args.seq_len)
+    input_ids = torch.randint(FIRST_TEXT_TOKEN_ID, MODEL_KWARGS["vocab_size"], shape, generator=generator)
+    input_ids[:, 0] = MODEL_KWARGS["bos_token_id"]
+    return {"input_ids": input_ids.to(args.device), "labels": input_ids.clone().to(args.device)}
+
+
+def make_step(model: torch.nn.Module, batch: dict) -> Callable[[], float]:
+    """A closure running one training step; returns the loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> float:
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def check_losses(first_losses: dict[str, float]) -> None:
+    """The variants train the same weights on the same batch: their first losses must agree."""
+    for name in VARIANTS:
+        gap = abs(first_losses[name] - first_losses["none"])
+        if gap > LOSS_TOLERANCE:
+            raise RuntimeError(f"{name}'s first loss differs from none's by {gap:.2e} (> {LOSS_TOLERANCE})")
+
+
+def memory_worker(args: argparse.Namespace) -> None:
+    """Runs in a fresh process: builds one variant, two steps, prints its memory figures as one JSON line."""
+    name = args.memory_worker
+    batch = make_batch(args)
+    base = memory_baseline(args.device)
+    step = make_step(build_model(name, args.device), batch)
+    print(json.dumps(two_step_memory(step, args.device, base)))
+
+
+def measure_memory(name: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", name, "--device", args.device]
+    command += ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    env = {**os.environ, **MEMORY_WORKER_ENV}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory worker for {name} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarize(rounds: list[dict], memory: dict) -> dict:
+    times = {name: [r["times"][name] for r in rounds] for name in VARIANTS}
+    reference_time = statistics.median(times["none"])
+    summary = {}
+    for name in VARIANTS:
+        samples = times[name]
+        q1, _, q3 = statistics.quantiles(samples, n=4)
+        summary[name] = {
+            "median_ms": statistics.median(samples) * 1000,
+            "q1_ms": q1 * 1000,
+            "q3_ms": q3 * 1000,
+            "time_ratio": statistics.median(samples) / reference_time,
+            "paired_time_ratio": statistics.median(t / r for t, r in zip(samples, times["none"])),
+            "samples_ms": [t * 1000 for t in samples],
+            **memory[name],
+            "peak_memory_ratio": memory[name]["peak_mb"] / memory["none"]["peak_mb"],
+            "step_memory_ratio": memory[name]["step_peak_mb"] / memory["none"]["step_peak_mb"],
+        }
+    return summary
+
+
+def print_table(summary: dict, args: argparse.Namespace) -> None:
+    kept = len(summary["none"]["samples_ms"])
+    print(
+        f"\nTraining step (forward + backward + AdamW), batch {args.batch_size} x {args.seq_len} tokens, "
+        f"{args.device}, median of {kept} interleaved rounds; ratios against no checkpointing; "
+        "peak MB = weights + grads + AdamW + activations, step MB = what one step adds"
+    )
+    header = f"{'variant':<19} {'median ms':>9} {'IQR ms':>11} {'time x':>6} {'paired':>6}"
+    print(header + f" {'peak MB':>7} {'peak x':>6} {'step MB':>7} {'step x':>6}")
+    for name in VARIANTS:
+        row = summary[name]
+        iqr = f"{row['q1_ms']:.0f}-{row['q3_ms']:.0f}"
+        print(
+            f"{name:<19} {row['median_ms']:>9.0f} {iqr:>11} {row['time_ratio']:>6.3f} "
+            f"{row['paired_time_ratio']:>6.3f} {row['peak_mb']:>7.0f} {row['peak_memory_ratio']:>6.3f} "
+            f"{row['step_peak_mb']:>7.0f} {row['step_memory_ratio']:>6.3f}"
+        )
+
+
+def headline(summary: dict) -> list[dict]:
+    figures = []
+    for name in ("full", "every_2nd_layer", "attention_only"):
+        is_full = name == "full"
+        figures.append(
+            {
+                "name": f"{name}_activation_memory_reduction",
+                "value": round(1 - summary[name]["step_memory_ratio"], 4),
+                "target": MEMORY_TARGET if is_full else None,
+                "higher_is_better": True,
+            }
+        )
+        figures.append(
+            {
+                "name": f"{name}_step_time_increase",
+                "value": round(summary[name]["time_ratio"] - 1, 4),
+                "target": TIME_TARGET if is_full else None,
+                "higher_is_better": False,
+            }
+        )
+    return figures
+
+
+def main() -> None:
+    args = parse_args()
+    if args.memory_worker:
+        memory_worker(args)
+        return
+    started = time.perf_counter()
+    print(f"Building the variants (batch {args.batch_size} x {args.seq_len}, {args.device})")
+    batch = make_batch(args)
+    steps = {name: make_step(build_model(name, args.device), batch) for name in VARIANTS}
+    rounds, first_losses = time_variants(steps, VARIANTS, args.repeats, args.budget_s, args.device, started)
+    check_losses(first_losses)
+    kept = kept_rounds(rounds)
+    del steps
+    gc.collect()
+    print("Measuring peak memory, one fresh process per variant")
+    memory = {name: measure_memory(name, args) for name in VARIANTS}
+    summary = summarize(kept, memory)
+    print_table(summary, args)
+    if not all(r["clean"] for r in kept):
+        print(f"WARNING: fewer than 5 of {len(rounds)} rounds ran uncontended; the figures include contended rounds")
+    result = {
+        "benchmark": "bench_checkpointing",
+        "command": " ".join([Path(sys.executable).name, "benchmarks/bench_checkpointing.py", *sys.argv[1:]]),
+        "machine": machine_info(args.device),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__,
+        },
+        "size": {"batch_size": args.batch_size, "seq_len": args.seq_len, "model": MODEL_KWARGS},
+        "step": "forward + backward (labels = input_ids) + AdamW(lr=1e-4).step() + zero_grad(set_to_none=True)",
+        "memory_method": (
+            "fresh subprocess per variant; cuda: max_memory_allocated; cpu: VmHWM with MALLOC_MMAP_THRESHOLD_=65536 "
+            "and the high-water mark reset before the second step; peak_mb over the pre-model baseline, "
+            "step_peak_mb over the RSS before the step"
+        ),
+        "rounds_run": len(rounds),
+        "rounds_kept": len(kept),
+        "only_clean_rounds_kept": all(r["clean"] for r in kept),
+        "rounds": rounds,
+        "first_step_loss": first_losses,
+        "variants": summary,
+        "wall_time_s": time.perf_counter() - started,
+        "headline": headline(summary),
+        "targets_note": "full checkpointing: >= 40% less activation memory (step_peak_mb) at <= 35% more step time",
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"Wrote {args.output} ({result['wall_time_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Distributed training helpers applied to a built model: 4-bit gradient compression for DDP.
+
+Data, fully-sharded and tensor parallelism come from the engines users already run (`accelerate launch` with DDP,
+FSDP2 or DeepSpeed; `from_pretrained(..., tp_plan="auto")` with the model's `base_model_tp_plan`); this package adds
+what they lack: a DDP communication hook that exchanges gradients in 4 bits with error feedback.
+"""
+
+from .compression import (
+    FourBitCompressionCallback,
+    FourBitCompressionState,
+    compressed_allreduce,
+    dequantize_4bit,
+    fourbit_hook,
+    quantize_4bit,
+    register_fourbit_hook,
+)
+
+__all__ = [
+    "FourBitCompressionCallback",
+    "FourBitCompressionState",
+    "compressed_allreduce",
+    "dequantize_4bit",
+    "fourbit_hook",
+    "quantize_4bit",
+    "register_fourbit_hook",
+]
