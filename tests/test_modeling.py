@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_MEDIA_KWARGS, TINY_TEXT_KWARGS
 from test_configuration import load_official_config_dict
 from torch.utils.flop_counter import FlopCounterMode
@@ -556,17 +557,24 @@ def test_distillation_loss_is_zero_at_the_students_own_attention_and_trains(tiny
     out = model(**batch, labels=batch["input_ids"], distillation_targets=targets, distillation_query_mask=query_mask)
     torch.testing.assert_close(out.loss, out.lm_loss + out.distillation_loss)
 
-    with torch.no_grad():  # the layer-average of the model's own text-to-image attention, used as the target
+    with torch.no_grad():  # the model's own head-averaged text-to-image attention per position, as the target
         attentions = model(**batch, output_attentions=True).attentions
         image_mask = batch["input_ids"] == IMAGE_TOKEN
-        own = []
-        for attention in attentions:
-            image_positions = image_mask.nonzero()[:, 1].view(2, 1, 1, -1)
-            to_image = attention.gather(-1, image_positions.expand(*attention.shape[:3], NUM_IMAGE_TOKENS))
-            to_image = to_image / to_image.sum(-1, keepdim=True).clamp(min=1e-12)  # no image before it: 0
-            own.append((to_image * query_mask[:, None, :, None]).sum(2).mean(1) / query_mask.sum(1)[:, None])
-    single_layer = attention_distillation_loss(attentions[-1:], image_mask, query_mask, own[-1])
-    assert single_layer.abs() < 1e-5
+        image_positions = image_mask.nonzero()[:, 1].view(2, 1, 1, -1)
+        attention = attentions[-1]
+        to_image = attention.gather(-1, image_positions.expand(*attention.shape[:3], NUM_IMAGE_TOKENS))
+        own = (to_image / to_image.sum(-1, keepdim=True).clamp(min=1e-12)).mean(1)  # (batch, seq, patches)
+    assert attention_distillation_loss(attentions[-1:], image_mask, query_mask, own).abs() < 1e-5
+    # a target shared by the row's positions is each position's target: their losses agree
+    shared = attention_distillation_loss(attentions, image_mask, query_mask, targets)
+    per_position = attention_distillation_loss(
+        attentions, image_mask, query_mask, targets[:, None, :].expand(-1, query_mask.shape[1], -1)
+    )
+    torch.testing.assert_close(shared, per_position)
+    # the loss reads each position's own target: one position's target on a single patch raises it
+    moved = own.clone()
+    moved[0, -1] = F.one_hot(torch.tensor(0), NUM_IMAGE_TOKENS).float()
+    assert attention_distillation_loss(attentions[-1:], image_mask, query_mask, moved) > 0.1
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
@@ -589,6 +597,8 @@ def test_distillation_refuses_what_it_cannot_compute(tiny_config):
         eager(**batch, distillation_targets=targets[:, :8], distillation_query_mask=query_mask)
     with pytest.raises(ValueError, match="distillation_query_mask"):
         eager(**batch, distillation_targets=targets)
+    with pytest.raises(ValueError, match="per-position distillation_targets cover 3 positions"):
+        eager(**batch, distillation_targets=targets[:, None, :].expand(-1, 3, -1), distillation_query_mask=query_mask)
 
 
 def test_router_and_gates_compute_in_float32_under_autocast(tiny_config):

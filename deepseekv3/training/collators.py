@@ -4,14 +4,17 @@
 built-in data sets, in chunks, and keeps one tokenized example per row; training steps then only pad and stack:
 
 - `InstructionCollator` (stage 3, LoRA): the conversation, labels on the assistant's reply only.
-- `DistillationCollator` (stage 2): the same, plus the referred objects' regions as the teacher distribution over
-  patches (`distillation_targets`) and the question's positions (`distillation_query_mask`).
+- `DistillationCollator` (stage 2): the same, plus a teacher distribution over patches for each question token that
+  names an object: the region of the object it names (`distillation_targets`, `(batch, seq_len, num_patches)`), at
+  the positions of `distillation_query_mask` (every question position, with all referred objects' region, when the
+  question names no object).
 - `ContrastiveCollator` (stage 1): every row's caption paired with its image or clip (`contrastive_input_ids`).
 
 A row holds one image (`row["image"]`) or one clip (`row["audio"] = {"array", "sampling_rate"}`); its `messages`
 carry `{"type": "image"}` / `{"type": "audio"}` parts without the media, which `conversation_with_media` puts in.
 """
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -87,7 +90,8 @@ def encode_rows(
         `list[dict]`, one per row: `input_ids`, `labels` (-100 but on the reply), `mm_token_type_ids` (1-D
         tensors), `prompt_length` (where the reply starts), the media (`pixel_values` `(1, C, H, W)` or
         `input_features` `(1, mel, frames)` and `input_features_mask`), `caption_ids`, and for image rows
-        `distillation_targets` `(num_patches,)` and `distillation_query_mask` (1-D, the question's positions).
+        `distillation_targets` `(seq_len, num_patches)` (at each distilled position, the region of the object its
+        token names) and `distillation_query_mask` (1-D, the distilled positions).
     """
     examples = []
     for start in tqdm(range(0, len(rows), chunk_size), desc="encoding rows", disable=not progress, leave=False):
@@ -121,7 +125,7 @@ def _encode_chunk(processor, rows, patch_size) -> list[dict[str, Any]]:
         if row.get("image") is not None:
             example["pixel_values"] = batch["pixel_values"][image_index : image_index + 1]
             image_index += 1
-            example.update(_distillation_fields(row, example, processor.image_size, patch_size))
+            example.update(_distillation_fields(row, example, processor.tokenizer, processor.image_size, patch_size))
         else:
             frames = int(batch["input_features_mask"][audio_index].sum())
             example["input_features"] = batch["input_features"][audio_index : audio_index + 1, :, :frames]
@@ -131,16 +135,58 @@ def _encode_chunk(processor, rows, patch_size) -> list[dict[str, Any]]:
     return examples
 
 
-def _distillation_fields(row, example, image_size: int, patch_size: int) -> dict[str, torch.Tensor]:
+def _distillation_fields(row, example, tokenizer, image_size: int, patch_size: int) -> dict[str, torch.Tensor]:
+    """Per-position teacher distributions: each question token that names a referred object (its colour or shape
+    word) targets that object's region; a question naming none (`how many shapes are there?`) has every question
+    position target the region of all the referred objects."""
     # boxes are in the data's pixels; the processor resized the image to the model's image_size
     scale = image_size / row["image_size"]
-    boxes = [[round(value * scale) for value in row["objects"][index]["box"]] for index in row["referred_objects"]]
-    targets = torch.from_numpy(boxes_to_patch_weights(boxes, image_size, patch_size)).flatten()
+
+    def region(indices):
+        boxes = [[round(value * scale) for value in row["objects"][index]["box"]] for index in indices]
+        return torch.from_numpy(boxes_to_patch_weights(boxes, image_size, patch_size)).flatten()
+
+    input_ids = example["input_ids"]
     # the question: text positions after the image and before the reply
     is_text = example["mm_token_type_ids"] == 0
     after_image = torch.cumsum(example["mm_token_type_ids"] == 1, dim=0) > 0
-    in_prompt = torch.arange(example["input_ids"].shape[0]) < example["prompt_length"]
-    return {"distillation_targets": targets, "distillation_query_mask": is_text & after_image & in_prompt}
+    in_prompt = torch.arange(input_ids.shape[0]) < example["prompt_length"]
+    question_mask = is_text & after_image & in_prompt
+    targets = torch.zeros(input_ids.shape[0], (image_size // patch_size) ** 2)
+    query_mask = torch.zeros_like(question_mask)
+    for position, index in _naming_positions(tokenizer, row, input_ids, question_mask):
+        targets[position] = region([index])
+        query_mask[position] = True
+    if not query_mask.any():
+        targets[question_mask] = region(row["referred_objects"])
+        query_mask = question_mask
+    return {"distillation_targets": targets, "distillation_query_mask": query_mask}
+
+
+def _naming_positions(tokenizer, row, input_ids: torch.Tensor, question_mask: torch.Tensor) -> list[tuple[int, int]]:
+    """(position in `input_ids`, object index) of every question token inside a referred object's colour or shape
+    word."""
+    question = row["question"]
+    encoded = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
+    question_ids = torch.tensor(encoded["input_ids"])
+    candidates = question_mask.nonzero().squeeze(-1).tolist()
+    start = next(
+        (p for p in candidates if torch.equal(input_ids[p : p + len(question_ids)], question_ids)),
+        None,
+    )
+    if start is None:
+        raise ValueError(f"the question {question!r} is not in the encoded prompt as the tokenizer alone encodes it")
+    words = []  # (first char, end char, object index)
+    for index in row["referred_objects"]:
+        item = row["objects"][index]
+        for word in (item["color"], item["shape"]):
+            words += [(match.start(), match.end(), index) for match in re.finditer(rf"\b{word}\b", question)]
+    named = []
+    for offset, (first, end) in enumerate(encoded["offset_mapping"]):
+        for word_first, word_end, index in words:
+            if first < word_end and word_first < end:
+                named.append((start + offset, index))
+    return named
 
 
 class InstructionCollator:
@@ -166,7 +212,12 @@ class DistillationCollator(InstructionCollator):
             raise ValueError("DistillationCollator takes image examples only (filter on modality == 'image')")
         batch = super().__call__(examples)
         length = batch["input_ids"].shape[1]
-        batch["distillation_targets"] = torch.stack([example["distillation_targets"] for example in examples])
+        batch["distillation_targets"] = torch.stack(
+            [
+                F.pad(example["distillation_targets"], (0, 0, 0, length - len(example["input_ids"])))
+                for example in examples
+            ]
+        )
         batch["distillation_query_mask"] = torch.stack(
             [
                 F.pad(example["distillation_query_mask"], (0, length - len(example["input_ids"])))

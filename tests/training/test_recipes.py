@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
-from deepseekv3.data import build_multimodal_dataset, build_text_corpus
+from deepseekv3.data import boxes_to_patch_weights, build_multimodal_dataset, build_text_corpus
 from deepseekv3.tokenization import train_tokenizer
 from deepseekv3.training.collators import ContrastiveCollator, DistillationCollator, encode_rows
 from deepseekv3.training.demo import DemoSettings, build_demo_model
@@ -103,14 +103,36 @@ def test_distillation_targets_are_region_distributions_over_question_positions(e
     config = fresh_model(tokenizer).config
     image_examples = select_stage_examples("distill", rows, examples)[:6]
     batch = DistillationCollator(config)(image_examples)
-    torch.testing.assert_close(batch["distillation_targets"].sum(-1), torch.ones(6))
-    assert batch["distillation_targets"].shape == (6, config.num_image_tokens)
+    length = batch["input_ids"].shape[1]
+    assert batch["distillation_targets"].shape == (6, length, config.num_image_tokens)
     queries = batch["distillation_query_mask"]
     assert queries.any(dim=1).all()
+    torch.testing.assert_close(batch["distillation_targets"][queries].sum(-1), torch.ones(int(queries.sum())))
     assert not (queries & (batch["input_ids"] == config.image_token_id)).any()
     assert not (queries & (batch["labels"] != -100)).any()
     with pytest.raises(ValueError, match="image examples only"):
         DistillationCollator(config)([example for example in examples if "input_features" in example][:2])
+
+
+def test_each_object_word_targets_the_region_of_the_object_it_names(encoded):
+    tokenizer, rows, examples = encoded
+    patch_size = fresh_model(tokenizer).config.patch_size
+    spatial = next(i for i in range(len(rows)) if rows[i]["question_template"] == "spatial")
+    count = next(i for i in range(len(rows)) if rows[i]["question_template"] == "count")
+    row, example = rows[spatial], examples[spatial]
+    queries = example["distillation_query_mask"].nonzero().squeeze(-1)
+    words = [tokenizer.decode(example["input_ids"][position]).strip() for position in queries]
+    first, second = (row["objects"][index] for index in row["referred_objects"][::-1])  # [1, 0]: B then A
+    assert words == [first["color"], first["shape"], second["color"], second["shape"]]
+    for position, index in zip(queries, (0, 0, 1, 1)):
+        region = boxes_to_patch_weights([row["objects"][index]["box"]], row["image_size"], patch_size).flatten()
+        torch.testing.assert_close(example["distillation_targets"][position], torch.from_numpy(region))
+    # "how many shapes are there?" names no object: every question position targets all the objects
+    row, example = rows[count], examples[count]
+    queries = example["distillation_query_mask"]
+    assert int(queries.sum()) >= 6
+    union = boxes_to_patch_weights([item["box"] for item in row["objects"]], row["image_size"], patch_size)
+    torch.testing.assert_close(example["distillation_targets"][queries][0], torch.from_numpy(union.flatten()))
 
 
 class _Interrupt(TrainerCallback):
