@@ -108,6 +108,13 @@ def test_tensor_parallel_logits_and_gradients_match_one_process(tmp_path):
         torch.testing.assert_close(
             tp["text_features"], model.model.get_text_features(input_ids=input_ids[1:]), rtol=1e-5, atol=1e-5
         )
+    with torch.no_grad():  # with a skip threshold set, the sharded model computes every head (gates at 0.982)
+        every_head = model.eval()(**inputs).logits
+        model.set_head_skip_threshold(0.99)
+        skipped = model(**inputs).logits
+        model.train().set_head_skip_threshold(0.0)
+    torch.testing.assert_close(tp["eval_logits_with_skip_threshold"], every_head, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(skipped, every_head, atol=1e-3)
     reference_grads = {
         f"grad.{name}": param.grad for name, param in model.named_parameters() if param.grad is not None
     }

@@ -96,8 +96,17 @@ def tensor_parallel(model_dir: str, out_dir: str) -> None:
         for name, param in model.named_parameters()
         if param.grad is not None
     }
+    # head skipping slices only dense weights: under tensor parallelism (sharded DTensor weights) every head runs
+    model.eval().set_head_skip_threshold(0.99)
+    with torch.no_grad():
+        eval_logits = model(**inputs).logits
     if dist.get_rank() == 0:
-        tensors = {"logits": outputs.logits.detach(), "loss": outputs.loss.detach(), "text_features": text_features}
+        tensors = {
+            "logits": outputs.logits.detach(),
+            "loss": outputs.loss.detach(),
+            "text_features": text_features,
+            "eval_logits_with_skip_threshold": eval_logits,
+        }
         save_file({**tensors, **grads}, str(Path(out_dir, "tp.safetensors")))
         Path(out_dir, "sharded.json").write_text(json.dumps(sharded))
 
