@@ -5,9 +5,10 @@ built-in data sets, in chunks, and keeps one tokenized example per row; training
 
 - `InstructionCollator` (stage 3, LoRA): the conversation, labels on the assistant's reply only.
 - `DistillationCollator` (stage 2): the same, plus a teacher distribution over patches for each question token that
-  names an object: the region of the object it names (`distillation_targets`, `(batch, seq_len, num_patches)`), at
-  the positions of `distillation_query_mask` (every question position, with all referred objects' region, when the
-  question names no object).
+  names an object: the region of the object it names, and for the position that predicts the answer, the region of
+  the object the answer is about (`distillation_targets`, `(batch, seq_len, num_patches)`), at the positions of
+  `distillation_query_mask` (every question position, with all referred objects' region, when the question names
+  no object).
 - `ContrastiveCollator` (stage 1): every row's caption paired with its image or clip (`contrastive_input_ids`).
 
 A row holds one image (`row["image"]`) or one clip (`row["audio"] = {"array", "sampling_rate"}`); its `messages`
@@ -91,7 +92,7 @@ def encode_rows(
         tensors), `prompt_length` (where the reply starts), the media (`pixel_values` `(1, C, H, W)` or
         `input_features` `(1, mel, frames)` and `input_features_mask`), `caption_ids`, and for image rows
         `distillation_targets` `(seq_len, num_patches)` (at each distilled position, the region of the object its
-        token names) and `distillation_query_mask` (1-D, the distilled positions).
+        token names, or the answer is about) and `distillation_query_mask` (1-D, the distilled positions).
     """
     examples = []
     for start in tqdm(range(0, len(rows), chunk_size), desc="encoding rows", disable=not progress, leave=False):
@@ -137,8 +138,14 @@ def _encode_chunk(processor, rows, patch_size) -> list[dict[str, Any]]:
 
 def _distillation_fields(row, example, tokenizer, image_size: int, patch_size: int) -> dict[str, torch.Tensor]:
     """Per-position teacher distributions: each question token that names a referred object (its colour or shape
-    word) targets that object's region; a question naming none (`how many shapes are there?`) has every question
-    position target the region of all the referred objects."""
+    word) targets that object's region, and the position that predicts the answer targets the region of the object
+    the answer is about (the first referred object); a question naming none (`how many shapes are there?`) has every
+    question position target the region of all the referred objects.
+
+    The answer position's own target matters for relations: in "which side of the red circle is the blue square?"
+    a reader that pools both named objects equally sees a sum that is symmetric in the two positions and carries no
+    signal about the relation (no gradient either); looking at the object the answer is about breaks that symmetry.
+    """
     # boxes are in the data's pixels; the processor resized the image to the model's image_size
     scale = image_size / row["image_size"]
 
@@ -160,6 +167,10 @@ def _distillation_fields(row, example, tokenizer, image_size: int, patch_size: i
     if not query_mask.any():
         targets[question_mask] = region(row["referred_objects"])
         query_mask = question_mask
+    else:
+        # the position that predicts the answer looks at the object the answer is about (the first referred one)
+        targets[example["prompt_length"] - 1] = region(row["referred_objects"][:1])
+        query_mask[example["prompt_length"] - 1] = True
     return {"distillation_targets": targets, "distillation_query_mask": query_mask}
 
 

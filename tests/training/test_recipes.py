@@ -120,11 +120,13 @@ def test_each_object_word_targets_the_region_of_the_object_it_names(encoded):
     spatial = next(i for i in range(len(rows)) if rows[i]["question_template"] == "spatial")
     count = next(i for i in range(len(rows)) if rows[i]["question_template"] == "count")
     row, example = rows[spatial], examples[spatial]
-    queries = example["distillation_query_mask"].nonzero().squeeze(-1)
-    words = [tokenizer.decode(example["input_ids"][position]).strip() for position in queries]
+    *naming, answer_position = example["distillation_query_mask"].nonzero().squeeze(-1).tolist()
+    words = [tokenizer.decode(example["input_ids"][position]).strip() for position in naming]
     first, second = (row["objects"][index] for index in row["referred_objects"][::-1])  # [1, 0]: B then A
     assert words == [first["color"], first["shape"], second["color"], second["shape"]]
-    for position, index in zip(queries, (0, 0, 1, 1)):
+    # the position predicting the answer looks at the object the answer is about: B, "which side of A is B?"
+    assert answer_position == example["prompt_length"] - 1
+    for position, index in zip([*naming, answer_position], (0, 0, 1, 1, 1)):
         region = boxes_to_patch_weights([row["objects"][index]["box"]], row["image_size"], patch_size).flatten()
         torch.testing.assert_close(example["distillation_targets"][position], torch.from_numpy(region))
     # "how many shapes are there?" names no object: every question position targets all the objects
