@@ -12,8 +12,12 @@ it (`/proc/self/clear_refs` = 5). On CUDA: `torch.cuda.max_memory_allocated`.
 """
 
 import gc
+import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,3 +127,51 @@ def machine_info(device: str) -> dict:
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def measure_memory_in_worker(script: str, name: str, device: str, batch_size: int, seq_len: int) -> dict:
+    """Runs `script --memory-worker NAME` in a fresh process (its allocator untouched by the other variants) and
+    returns the memory figures it prints as its last line of JSON (`two_step_memory`)."""
+    command = [sys.executable, str(Path(script).resolve()), "--memory-worker", name, "--device", device]
+    command += ["--batch-size", str(batch_size), "--seq-len", str(seq_len)]
+    done = subprocess.run(command, env={**os.environ, **MEMORY_WORKER_ENV}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory worker for {name} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarize_steps(rounds: list[dict], memory: dict, variants: tuple[str, ...], reference: str) -> dict:
+    """Per variant: median, quartiles and paired ratio of the step times, with its memory figures and ratios, all
+    against `reference`."""
+    times = {name: [r["times"][name] for r in rounds] for name in variants}
+    reference_time = statistics.median(times[reference])
+    summary = {}
+    for name in variants:
+        samples = times[name]
+        q1, _, q3 = statistics.quantiles(samples, n=4)
+        summary[name] = {
+            "median_ms": statistics.median(samples) * 1000,
+            "q1_ms": q1 * 1000,
+            "q3_ms": q3 * 1000,
+            "time_ratio": statistics.median(samples) / reference_time,
+            "paired_time_ratio": statistics.median(t / r for t, r in zip(samples, times[reference])),
+            "samples_ms": [t * 1000 for t in samples],
+            **memory[name],
+            "peak_memory_ratio": memory[name]["peak_mb"] / memory[reference]["peak_mb"],
+            "step_memory_ratio": memory[name]["step_peak_mb"] / memory[reference]["step_peak_mb"],
+        }
+    return summary
+
+
+def print_step_table(summary: dict, title: str) -> None:
+    """The `summarize_steps` figures as a text table under `title`."""
+    print(f"\n{title}; peak MB = weights + grads + AdamW + activations, step MB = what one step adds")
+    header = f"{'variant':<19} {'median ms':>9} {'IQR ms':>11} {'time x':>6} {'paired':>6}"
+    print(header + f" {'peak MB':>7} {'peak x':>6} {'step MB':>7} {'step x':>6}")
+    for name, row in summary.items():
+        iqr = f"{row['q1_ms']:.0f}-{row['q3_ms']:.0f}"
+        print(
+            f"{name:<19} {row['median_ms']:>9.0f} {iqr:>11} {row['time_ratio']:>6.3f} "
+            f"{row['paired_time_ratio']:>6.3f} {row['peak_mb']:>7.0f} {row['peak_memory_ratio']:>6.3f} "
+            f"{row['step_peak_mb']:>7.0f} {row['step_memory_ratio']:>6.3f}"
+        )

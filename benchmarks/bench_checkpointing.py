@@ -37,10 +37,7 @@ Writes `benchmarks/results/bench_checkpointing.json` (machine, versions, sizes, 
 import argparse
 import gc
 import json
-import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -50,10 +47,12 @@ import accelerate
 import torch
 import transformers
 from _harness import (
-    MEMORY_WORKER_ENV,
     kept_rounds,
     machine_info,
+    measure_memory_in_worker,
     memory_baseline,
+    print_step_table,
+    summarize_steps,
     time_variants,
     two_step_memory,
 )
@@ -167,56 +166,6 @@ def memory_worker(args: argparse.Namespace) -> None:
     print(json.dumps(two_step_memory(step, args.device, base)))
 
 
-def measure_memory(name: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", name, "--device", args.device]
-    command += ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
-    env = {**os.environ, **MEMORY_WORKER_ENV}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory worker for {name} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def summarize(rounds: list[dict], memory: dict) -> dict:
-    times = {name: [r["times"][name] for r in rounds] for name in VARIANTS}
-    reference_time = statistics.median(times["none"])
-    summary = {}
-    for name in VARIANTS:
-        samples = times[name]
-        q1, _, q3 = statistics.quantiles(samples, n=4)
-        summary[name] = {
-            "median_ms": statistics.median(samples) * 1000,
-            "q1_ms": q1 * 1000,
-            "q3_ms": q3 * 1000,
-            "time_ratio": statistics.median(samples) / reference_time,
-            "paired_time_ratio": statistics.median(t / r for t, r in zip(samples, times["none"])),
-            "samples_ms": [t * 1000 for t in samples],
-            **memory[name],
-            "peak_memory_ratio": memory[name]["peak_mb"] / memory["none"]["peak_mb"],
-            "step_memory_ratio": memory[name]["step_peak_mb"] / memory["none"]["step_peak_mb"],
-        }
-    return summary
-
-
-def print_table(summary: dict, args: argparse.Namespace) -> None:
-    kept = len(summary["none"]["samples_ms"])
-    print(
-        f"\nTraining step (forward + backward + AdamW), batch {args.batch_size} x {args.seq_len} tokens, "
-        f"{args.device}, median of {kept} interleaved rounds; ratios against no checkpointing; "
-        "peak MB = weights + grads + AdamW + activations, step MB = what one step adds"
-    )
-    header = f"{'variant':<19} {'median ms':>9} {'IQR ms':>11} {'time x':>6} {'paired':>6}"
-    print(header + f" {'peak MB':>7} {'peak x':>6} {'step MB':>7} {'step x':>6}")
-    for name in VARIANTS:
-        row = summary[name]
-        iqr = f"{row['q1_ms']:.0f}-{row['q3_ms']:.0f}"
-        print(
-            f"{name:<19} {row['median_ms']:>9.0f} {iqr:>11} {row['time_ratio']:>6.3f} "
-            f"{row['paired_time_ratio']:>6.3f} {row['peak_mb']:>7.0f} {row['peak_memory_ratio']:>6.3f} "
-            f"{row['step_peak_mb']:>7.0f} {row['step_memory_ratio']:>6.3f}"
-        )
-
-
 def headline(summary: dict) -> list[dict]:
     figures = []
     for name in ("full", "every_2nd_layer", "attention_only"):
@@ -255,9 +204,15 @@ def main() -> None:
     del steps
     gc.collect()
     print("Measuring peak memory, one fresh process per variant")
-    memory = {name: measure_memory(name, args) for name in VARIANTS}
-    summary = summarize(kept, memory)
-    print_table(summary, args)
+    memory = {
+        name: measure_memory_in_worker(__file__, name, args.device, args.batch_size, args.seq_len) for name in VARIANTS
+    }
+    summary = summarize_steps(kept, memory, VARIANTS, reference="none")
+    print_step_table(
+        summary,
+        f"Training step (forward + backward + AdamW), batch {args.batch_size} x {args.seq_len} tokens, "
+        f"{args.device}, median of {len(kept)} interleaved rounds; ratios against no checkpointing",
+    )
     if not all(r["clean"] for r in kept):
         print(f"WARNING: fewer than 5 of {len(rounds)} rounds ran uncontended; the figures include contended rounds")
     result = {
