@@ -80,6 +80,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--retrain", action="store_true", help="train the cached models again")
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--qat-steps", type=int, default=40)
+    parser.add_argument(
+        "--qat-lr-factor", type=float, default=0.1, help="QAT learning rate as a fraction of the training one"
+    )
     parser.add_argument("--gate-penalty", type=float, default=0.1, help="attention_gate_sparsity_weight")
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--num-clips", type=int, default=500)
@@ -136,11 +139,11 @@ def train_models(args: argparse.Namespace) -> dict:
     processor.save_pretrained(args.cache_dir / "fp32")
     fp32_seconds = time.perf_counter() - started
 
-    # QAT: the trained model, fake-quantized, `--qat-steps` more steps at a tenth of the learning rate
+    # QAT: the trained model, fake-quantized, `--qat-steps` more steps at `--qat-lr-factor` of the learning rate
     qat_model = AutoModelForCausalLM.from_pretrained(args.cache_dir / "fp32")
     qat_model.set_experts_implementation("eager")
     qat_training = stage_training_arguments(settings, "qat", args.cache_dir, args.qat_steps)
-    qat_training.learning_rate = settings.learning_rate / 10
+    qat_training.learning_rate = settings.learning_rate * args.qat_lr_factor
     qat_int8 = train_qat(qat_model, examples, qat_training, args.cache_dir / "qat_trained")
     qat_int8.save_pretrained(args.cache_dir / "qat_int8")
     record = {
@@ -149,6 +152,7 @@ def train_models(args: argparse.Namespace) -> dict:
         "gate_penalty": args.gate_penalty,
         "batch_size": settings.batch_size,
         "learning_rate": settings.learning_rate,
+        "qat_learning_rate": qat_training.learning_rate,
         "num_images": settings.num_images,
         "num_clips": settings.num_clips,
         "fp32_train_seconds": round(fp32_seconds, 1),
