@@ -7,6 +7,7 @@ deepseekv3 serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--lite-model DIR] [
 """
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,6 +67,10 @@ def _serve(args: argparse.Namespace) -> None:
         )
     except (OSError, ValueError) as error:
         raise SystemExit(f"deepseekv3 serve: error: {error}") from error
+    # Ctrl-C and a process manager's SIGTERM both stop the server cleanly, also where the parent started this
+    # process with SIGINT ignored (a background job of a non-interactive shell)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"serving {server_config.model_name} on {server.url} (POST /v1/chat/completions, GET /health)", flush=True)
     try:
         server.serve_forever()

@@ -213,7 +213,14 @@ def test_serve_command_on_a_saved_model(model_dir, processor_and_model):
     processor, model = processor_and_model
     command = [sys.executable, "-m", "deepseekv3.cli", "serve", str(model_dir), "--port", "0"]
     command += ["--warm-up-system", "Answer briefly.", "--max-tokens", "16"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # started with SIGINT ignored, as a background job of a non-interactive shell is: Ctrl-C must still stop it
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     try:
         line = process.stdout.readline()
         assert line.startswith("serving model on http://127.0.0.1:"), line
