@@ -175,3 +175,66 @@ def print_step_table(summary: dict, title: str) -> None:
             f"{row['paired_time_ratio']:>6.3f} {row['peak_mb']:>7.0f} {row['peak_memory_ratio']:>6.3f} "
             f"{row['step_peak_mb']:>7.0f} {row['step_memory_ratio']:>6.3f}"
         )
+
+
+def report_step_benchmark(
+    script: str,
+    args,
+    rounds: list[dict],
+    first_losses: dict,
+    variants: tuple[str, ...],
+    reference: str,
+    reference_label: str,
+    model_kwargs: dict,
+    headline: Callable[[dict], list],
+    targets_note: str,
+    started: float,
+) -> None:
+    """After the timed rounds of a training-step benchmark (`--device`, `--batch-size`, `--seq-len`, `--output`):
+    memory per variant in fresh processes, the table, and the results JSON."""
+    import accelerate
+
+    kept = kept_rounds(rounds)
+    print("Measuring peak memory, one fresh process per variant")
+    memory = {
+        name: measure_memory_in_worker(script, name, args.device, args.batch_size, args.seq_len) for name in variants
+    }
+    summary = summarize_steps(kept, memory, variants, reference=reference)
+    print_step_table(
+        summary,
+        f"Training step (forward + backward + AdamW), batch {args.batch_size} x {args.seq_len} tokens, "
+        f"{args.device}, median of {len(kept)} interleaved rounds; ratios against {reference_label}",
+    )
+    if not all(r["clean"] for r in kept):
+        print(f"WARNING: fewer than 5 of {len(rounds)} rounds ran uncontended; the figures include contended rounds")
+    name = Path(script).stem
+    result = {
+        "benchmark": name,
+        "command": " ".join([Path(sys.executable).name, f"benchmarks/{name}.py", *sys.argv[1:]]),
+        "machine": machine_info(args.device),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__,
+        },
+        "size": {"batch_size": args.batch_size, "seq_len": args.seq_len, "model": model_kwargs},
+        "step": "forward + backward (labels = input_ids) + AdamW(lr=1e-4).step() + zero_grad(set_to_none=True)",
+        "memory_method": (
+            "fresh subprocess per variant; cuda: max_memory_allocated; cpu: VmHWM with MALLOC_MMAP_THRESHOLD_=65536 "
+            "and the high-water mark reset before the second step; peak_mb over the pre-model baseline, "
+            "step_peak_mb over the RSS before the step"
+        ),
+        "rounds_run": len(rounds),
+        "rounds_kept": len(kept),
+        "only_clean_rounds_kept": all(r["clean"] for r in kept),
+        "rounds": rounds,
+        "first_step_loss": first_losses,
+        "variants": summary,
+        "wall_time_s": time.perf_counter() - started,
+        "headline": headline(summary),
+        "targets_note": targets_note,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"Wrote {args.output} ({result['wall_time_s']:.0f} s)")

@@ -52,22 +52,14 @@ import argparse
 import contextlib
 import gc
 import json
-import platform
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import accelerate
 import torch
-import transformers
 from _harness import (
-    kept_rounds,
-    machine_info,
-    measure_memory_in_worker,
     memory_baseline,
-    print_step_table,
-    summarize_steps,
+    report_step_benchmark,
     time_variants,
     two_step_memory,
 )
@@ -213,51 +205,21 @@ def main() -> None:
     steps = {name: make_step(name, build_model(name, args.device), batch, args.device) for name in VARIANTS}
     rounds, first_losses = time_variants(steps, VARIANTS, args.repeats, args.budget_s, args.device, started)
     check_losses(first_losses)
-    kept = kept_rounds(rounds)
     del steps
     gc.collect()
-    print("Measuring peak memory, one fresh process per variant")
-    memory = {
-        name: measure_memory_in_worker(__file__, name, args.device, args.batch_size, args.seq_len) for name in VARIANTS
-    }
-    summary = summarize_steps(kept, memory, VARIANTS, reference="fp32")
-    print_step_table(
-        summary,
-        f"Training step (forward + backward + AdamW), batch {args.batch_size} x {args.seq_len} tokens, "
-        f"{args.device}, median of {len(kept)} interleaved rounds; ratios against fp32",
+    report_step_benchmark(
+        __file__,
+        args,
+        rounds,
+        first_losses,
+        VARIANTS,
+        reference="fp32",
+        reference_label="fp32",
+        model_kwargs=MODEL_KWARGS,
+        headline=headline,
+        targets_note="the issue gives no targets for this benchmark: every target is null",
+        started=started,
     )
-    if not all(r["clean"] for r in kept):
-        print(f"WARNING: fewer than 5 of {len(rounds)} rounds ran uncontended; the figures include contended rounds")
-    result = {
-        "benchmark": "bench_precision",
-        "command": " ".join([Path(sys.executable).name, "benchmarks/bench_precision.py", *sys.argv[1:]]),
-        "machine": machine_info(args.device),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__,
-        },
-        "size": {"batch_size": args.batch_size, "seq_len": args.seq_len, "model": MODEL_KWARGS},
-        "step": "forward + backward (labels = input_ids) + AdamW(lr=1e-4).step() + zero_grad(set_to_none=True)",
-        "memory_method": (
-            "fresh subprocess per variant; cuda: max_memory_allocated; cpu: VmHWM with MALLOC_MMAP_THRESHOLD_=65536 "
-            "and the high-water mark reset before the second step; peak_mb over the pre-model baseline, "
-            "step_peak_mb over the RSS before the step"
-        ),
-        "rounds_run": len(rounds),
-        "rounds_kept": len(kept),
-        "only_clean_rounds_kept": all(r["clean"] for r in kept),
-        "rounds": rounds,
-        "first_step_loss": first_losses,
-        "variants": summary,
-        "wall_time_s": time.perf_counter() - started,
-        "headline": headline(summary),
-        "targets_note": "the issue gives no targets for this benchmark: every target is null",
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"Wrote {args.output} ({result['wall_time_s']:.0f} s)")
 
 
 if __name__ == "__main__":
