@@ -114,12 +114,6 @@ def tensor_parallel(model_dir: str, out_dir: str) -> None:
 def deepspeed_zero2(model_dir: str, out_dir: str) -> None:
     """DeepSpeed ZeRO stage 2 (`deepspeed.initialize`), SGD, 3 steps over an even split of the global batch."""
     import deepspeed
-    import deepspeed.comm.torch
-
-    # DeepSpeed's optional CPU shared-memory all-reduce is a C++ op each rank JIT-builds into the same extension
-    # folder; one fresh-clone CI run in three aborted there ("terminate called without an active exception"). Without
-    # it DeepSpeed communicates through torch.distributed (gloo), and ZeRO-2 itself is unchanged.
-    deepspeed.comm.torch.build_shm_op = lambda: None
 
     from deepseekv3 import DeepseekV3MultimodalForConditionalGeneration
 
