@@ -86,6 +86,13 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
         use_bidirectional_media_attention (`bool`, *optional*, defaults to `False`):
             Let the tokens of one image or one audio clip attend to each other in both directions; every other
             position stays causal.
+        use_image_position_values (`bool`, *optional*, defaults to `False`):
+            Add each image patch's row and column, scaled to [-1, 1], to the first two value channels of every
+            attention head, so a text position's attention output carries the attention-weighted position of what it
+            looks at. MLA values come from the compressed latent the keys share, which does not pass patch positions
+            on by itself (spatial questions stay at chance without this; measured in the README). The coordinates
+            are cached with the latent: two more numbers per token and layer. Needs `use_image_input` and
+            `v_head_dim >= 2`; adds no parameter.
         contrastive_projection_dim (`int`, *optional*):
             Width of the CLIP-style projection heads used by `get_text_features`, `get_image_features` and
             `get_audio_features`. `None` builds no projection head.
@@ -147,6 +154,7 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
     audio_token_id: int | None = None
     num_modality_types: int = 0
     use_bidirectional_media_attention: bool = False
+    use_image_position_values: bool = False
     contrastive_projection_dim: int | None = None
     contrastive_temperature_init: float = 0.07
 
@@ -224,6 +232,11 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
                 raise ValueError(f"{name} is required when use_{name.split('_')[0]}_input=True")
             if token_id is not None and not 0 <= token_id < self.vocab_size:
                 raise ValueError(f"{name} ({token_id}) must be in [0, vocab_size ({self.vocab_size}))")
+        if self.use_image_position_values and not (self.use_image_input and self.v_head_dim >= 2):
+            raise ValueError(
+                f"use_image_position_values needs use_image_input=True (got {self.use_image_input}) and v_head_dim >= "
+                f"2 (got {self.v_head_dim}): the patch row and column go into two value channels"
+            )
         if self.use_image_input and self.use_audio_input and self.image_token_id == self.audio_token_id:
             raise ValueError(f"image_token_id and audio_token_id must differ (both {self.image_token_id})")
         required_types = 1 + max(

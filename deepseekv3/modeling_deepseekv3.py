@@ -231,11 +231,12 @@ def _is_plain_linear(module: nn.Module) -> bool:
 
 
 class DeepseekV3MultimodalAttention(DeepseekV3Attention):
-    """MLA attention with a dynamic per-head output gate and inference-time head skipping."""
+    """MLA attention with a dynamic per-head output gate and inference-time head skipping (`use_attention_gate`), and
+    patch positions in the values of image tokens (`use_image_position_values`)."""
 
     def __init__(self, config: DeepseekV3MultimodalConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.head_gate = DeepseekV3MultimodalHeadGate(config)
+        self.head_gate = DeepseekV3MultimodalHeadGate(config) if config.use_attention_gate else None
         # heads the last forward computed (None: all of them); read through `skipped_heads`
         self.last_kept_heads: torch.Tensor | None = None
 
@@ -278,8 +279,11 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
         cache: Cache | None = None,
         gate_padding_mask: torch.Tensor | None = None,
         gate_segment_ids: torch.Tensor | None = None,
+        image_coordinates: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`image_coordinates` `(batch, seq_len, 2)`: with `use_image_position_values`, each position's patch (row,
+        column) in [-1, 1] (zeros for text and audio), cached beside the latent and added to every head's value."""
         batch_size, seq_length = hidden_states.shape[:-1]
 
         compressed_kv = self.kv_a_proj_with_mqa(hidden_states)
@@ -293,15 +297,24 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
         # The rotated key is cached (as upstream); rotating the single-head key twice costs next to nothing.
         new_k_rot = self._apply_rotary(k_rot, k_rot, cos, sin)[1]
         k_rot = new_k_rot
+        with_coordinates = self.config.use_image_position_values
+        if with_coordinates:
+            # cached as two more latent channels, so decoding step by step sees the same values as the full forward
+            coordinates = image_coordinates.to(kv_nope.dtype).view(batch_size, 1, seq_length, 2)
+            kv_nope = torch.cat((kv_nope, coordinates), dim=-1)
         if cache is not None:
             kv_nope, k_rot = cache.update(kv_nope, k_rot, self.layer_idx, kwargs=kwargs)
+        if with_coordinates:
+            kv_nope, coordinates = torch.split(kv_nope, [self.kv_lora_rank, 2], dim=-1)
 
-        # (batch, seq, heads)
-        gate_values = self.head_gate(kv_nope.squeeze(1), gate_padding_mask, seq_length, gate_segment_ids)
-        heads = self._kept_heads(gate_values)
+        gate_values = heads = None
+        if self.head_gate is not None:
+            # (batch, seq, heads)
+            gate_values = self.head_gate(kv_nope.squeeze(1), gate_padding_mask, seq_length, gate_segment_ids)
+            heads = self._kept_heads(gate_values)
+            if heads is not None:
+                gate_values = gate_values[..., heads]
         self.last_kept_heads = heads
-        if heads is not None:
-            gate_values = gate_values[..., heads]
 
         query_states = self._project(q_module, q_input, heads, self.qk_head_dim)
         query_states = query_states.view(batch_size, seq_length, -1, self.qk_head_dim).transpose(1, 2)
@@ -310,6 +323,10 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
         query_states = torch.cat((q_pass, q_rot), dim=-1)  # (batch, kept_heads, seq, qk_head_dim)
 
         key_states, value_states = self._expand_kv(kv_nope, k_rot, heads)
+        if with_coordinates:
+            # (batch, 1, kv_len, 2) added to channels 0-1 of every head: the attention output then holds the
+            # attention-weighted patch position, which the latent alone does not pass on (README, "The main job")
+            value_states = torch.cat((value_states[..., :2] + coordinates, value_states[..., 2:]), dim=-1)
         pad_values = self.config._attn_implementation == "sdpa" and self.v_head_dim < self.qk_head_dim
         if pad_values:
             # torch's fused sdpa kernels (the CPU flash kernel among them) need one head size for keys and values;
@@ -332,8 +349,9 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
         )
         if pad_values:
             attn_output = attn_output[..., : self.v_head_dim]
-        # (batch, seq, kept_heads, v_head_dim) scaled per head, then flattened for o_proj
-        attn_output = attn_output * gate_values.unsqueeze(-1).to(attn_output.dtype)
+        if gate_values is not None:
+            # (batch, seq, kept_heads, v_head_dim) scaled per head, then flattened for o_proj
+            attn_output = attn_output * gate_values.unsqueeze(-1).to(attn_output.dtype)
         attn_output = attn_output.reshape(batch_size, seq_length, -1).contiguous()
         if heads is None:
             return self.o_proj(attn_output), attn_weights
@@ -362,12 +380,13 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
 
 
 class DeepseekV3MultimodalDecoderLayer(DeepseekV3DecoderLayer):
-    """Upstream decoder layer (MLA + dense MLP or DeepSeekMoE); with `use_attention_gate` its attention is the
-    gated [`DeepseekV3MultimodalAttention`], whose state-dict keys extend upstream's by `self_attn.head_gate.*`."""
+    """Upstream decoder layer (MLA + dense MLP or DeepSeekMoE); with `use_attention_gate` or
+    `use_image_position_values` its attention is [`DeepseekV3MultimodalAttention`], whose state-dict keys extend
+    upstream's by `self_attn.head_gate.*` (gate only)."""
 
     def __init__(self, config: DeepseekV3MultimodalConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        if config.use_attention_gate:
+        if config.use_attention_gate or config.use_image_position_values:
             self.self_attn = DeepseekV3MultimodalAttention(config, layer_idx)
 
 
@@ -640,6 +659,8 @@ class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
             and_mask_function=self._block_local_mask_function(),
             block_sequence_ids=block_sequence_ids,
         )
+        if self.config.use_image_position_values:
+            kwargs["image_coordinates"] = self.get_image_coordinates(input_ids, inputs_embeds)
         if self.config.use_attention_gate:
             is_padding_mask = attention_mask is not None and attention_mask.ndim == 2
             kwargs["gate_padding_mask"] = attention_mask if is_padding_mask else None
@@ -726,6 +747,25 @@ class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
         if self.config.use_audio_input:
             modality_ids = modality_ids.masked_fill(input_ids == self.config.audio_token_id, AUDIO_MODALITY_ID)
         return modality_ids
+
+    def get_image_coordinates(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor
+    ) -> torch.FloatTensor:
+        """Row and column of each position's image patch, scaled to [-1, 1]; zeros where there is no image patch.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch, seq_len, 2)`, `(row, column)`. Each image fills
+            `config.num_image_tokens` consecutive placeholders in row-major patch order.
+        """
+        if input_ids is None:
+            return inputs_embeds.new_zeros(*inputs_embeds.shape[:2], 2)
+        config = self.config
+        is_image = input_ids == config.image_token_id
+        patch_index = (is_image.long().cumsum(dim=-1) - 1) % config.num_image_tokens
+        grid = config.image_size // config.patch_size
+        scale = 2.0 / (grid - 1) if grid > 1 else 0.0
+        coordinates = torch.stack((patch_index // grid, patch_index % grid), dim=-1).to(inputs_embeds.dtype)
+        return (coordinates * scale - 1.0).where(is_image.unsqueeze(-1), 0.0)
 
     def _scatter_media(
         self,

@@ -65,5 +65,7 @@ def tiny_text_config() -> DeepseekV3MultimodalConfig:
 
 @pytest.fixture
 def tiny_config() -> DeepseekV3MultimodalConfig:
-    """Every new feature on: attention gate, images, audio, modality types, projection heads."""
-    return DeepseekV3MultimodalConfig(**TINY_TEXT_KWARGS, **TINY_MEDIA_KWARGS, use_attention_gate=True)
+    """Every new feature on: attention gate, images with position values, audio, modality types, projection heads."""
+    return DeepseekV3MultimodalConfig(
+        **TINY_TEXT_KWARGS, **TINY_MEDIA_KWARGS, use_attention_gate=True, use_image_position_values=True
+    )

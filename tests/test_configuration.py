@@ -96,6 +96,8 @@ def test_derived_sizes():
         ({"image_token_id": 4, "audio_token_id": 4}, "image_token_id and audio_token_id"),
         ({"num_modality_types": 2}, "num_modality_types"),
         ({"contrastive_projection_dim": 0}, "contrastive_projection_dim"),
+        ({"use_image_position_values": True, "v_head_dim": 1}, "use_image_position_values"),
+        ({"use_image_position_values": True, "use_image_input": False}, "use_image_position_values"),
         ({"contrastive_temperature_init": 0.0}, "contrastive_temperature_init"),
     ],
 )

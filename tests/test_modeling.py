@@ -415,6 +415,46 @@ def test_media_features_reach_the_logits(tiny_config, modality):
     assert (moved[:, first_media:] - reference[:, first_media:]).abs().max() > 1e-4
 
 
+def test_image_coordinates_are_each_patchs_row_and_column(tiny_config):
+    model = build_model(tiny_config)
+    batch = multimodal_batch(batch_size=1)
+    coordinates = model.model.get_image_coordinates(batch["input_ids"], torch.zeros(1, 1, 1))
+    is_image = batch["input_ids"][0] == IMAGE_TOKEN
+    assert not coordinates[0, ~is_image].any()
+    grid = torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0])  # a 4 x 4 patch grid, row-major
+    expected = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), dim=-1).reshape(-1, 2)
+    torch.testing.assert_close(coordinates[0, is_image], expected)
+
+
+def test_position_values_add_the_attended_patch_position_to_each_heads_output(tiny_config):
+    """With `use_image_position_values`, each head's output (the input of `o_proj`) gains, in its first two channels,
+    the attention-weighted (row, column) of the patches it attends to, and nothing else changes."""
+    tiny_config.use_attention_gate = False
+    with_values = build_model(tiny_config)
+    without = build_model(DeepseekV3MultimodalConfig(**{**tiny_config.to_dict(), "use_image_position_values": False}))
+    without.load_state_dict(with_values.state_dict())
+    batch = multimodal_batch(batch_size=1)
+    head_outputs = {}
+    for name, model in (("with", with_values), ("without", without)):
+        attention = model.model.layers[0].self_attn
+        hook = attention.o_proj.register_forward_pre_hook(
+            lambda module, args, name=name: head_outputs.update({name: args[0]})
+        )
+        with torch.no_grad():
+            weights = model.model(**batch, output_attentions=True).attentions[0]  # (1, heads, seq, seq)
+        hook.remove()
+    coordinates = with_values.model.get_image_coordinates(batch["input_ids"], torch.zeros(1, 1, 1))
+    expected_shift = weights[0] @ coordinates[0]  # (heads, seq, 2): attention-weighted patch position
+    heads, v_head_dim = tiny_config.num_attention_heads, tiny_config.v_head_dim
+    shift = (head_outputs["with"] - head_outputs["without"])[0].view(-1, heads, v_head_dim).transpose(0, 1)
+    torch.testing.assert_close(shift[..., :2], expected_shift, atol=1e-5, rtol=1e-5)
+    assert shift[..., :2].abs().max() > 0.1
+    assert not shift[..., 2:].any()
+    text_only = {"input_ids": torch.randint(5, 96, (1, 10))}
+    with torch.no_grad():
+        torch.testing.assert_close(with_values(**text_only).logits, without(**text_only).logits)
+
+
 def test_padded_audio_frames_are_ignored(tiny_config):
     model = build_model(tiny_config)
     batch = multimodal_batch(batch_size=1)
