@@ -5,13 +5,19 @@ Command (from the repository root):
     .venv/bin/python benchmarks/bench_efficiency.py            # CPU; trains and caches the demo model on first run
     .venv/bin/python benchmarks/bench_efficiency.py --retrain  # train the cached models again
     .venv/bin/python benchmarks/bench_efficiency.py --compile-int8  # + compiled INT8 variants (README figures)
+    .venv/bin/python benchmarks/bench_efficiency.py --parts int8 --output /tmp/int8.json  # only part (b)
 
 The demo model (`deepseekv3.training.demo.build_demo_model`: hidden 96, 3 layers of 4 heads, MoE, head gates,
 images and audio) is trained by the instruction stage recipe (`build_stage_trainer("instruct", ...)`) for
-`--train-steps` steps with the gate-sparsity penalty (`attention_gate_sparsity_weight = --gate-penalty`), then
-copied and fine-tuned `--qat-steps` more steps with QAT (`deepseekv3.quantization.train_qat`). Both are cached under
-`--cache-dir` (the first run trains: 15 minutes on 2 busy CPU cores; later runs take about 7 minutes, the compiled
-variants of `--compile-int8` included).
+`--train-steps` steps with the gate-sparsity penalty (`attention_gate_sparsity_weight = --gate-penalty`), saving a
+`Trainer` checkpoint `--qat-steps` steps before the end. QAT (`deepseekv3.quantization.train_qat`) resumes that
+checkpoint fake-quantized: the same run's last `--qat-steps` steps (optimizer state, learning-rate schedule and data
+order continued) are trained again with fake quantization, so QAT and fp32 differ by fake quantization alone.
+(Fine-tuning the finished model again, 40 steps of a fresh optimizer and schedule at a learning rate of 3e-5 or 3e-4,
+moved its accuracy by -4.6 to +1.0 points with the data order, with or without fake quantization.) Both are cached
+under `--cache-dir` (the first run trains: 15 minutes on 2 busy CPU cores; later runs take about 7 minutes, the
+compiled variants of `--compile-int8` included; the INT8 part alone, 2.5 minutes on one core). `--parts` runs some
+of (a), (b), (c).
 
 (a) Head skipping at `--skip-lengths` tokens (4k and 16k): one row made of test conversations (text, images and
     audio) back to back, sdpa attention. A reference pass records every head's largest gate over the row; the
@@ -20,9 +26,11 @@ variants of `--compile-int8` included).
     (the `_harness` rounds; attention time from hooks around the `self_attn` modules), and the cosine similarity of
     the final hidden states to the unskipped model (per token; mean and minimum).
 (b) fp32 vs INT8 PTQ (`load_int8_model`: transformers' `TorchAoConfig`) vs QAT (prepared, trained, converted):
-    forward latency of 16 test conversations on CPU (interleaved rounds) and test accuracy (closed-set scoring,
-    `deepseekv3.training.evaluation`). Also the same latency for a 2-layer dense model at hidden 1024 (random
-    weights), where the matmuls are large enough for int8 kernels to pay.
+    forward latency of 16 test conversations on CPU (interleaved rounds) and accuracy (closed-set scoring,
+    `deepseekv3.training.evaluation`) on a fresh draw of the data (seed + 1, `--eval-images` and `--eval-clips`,
+    every row but the held-out task's: 5,200 rows by default, against the 520 of the test split), with the paired
+    standard error of each difference to fp32. Also the same latency for a 2-layer dense model at hidden 1024
+    (random weights), where the matmuls are large enough for int8 kernels to pay.
 (c) Peak memory of one forward (no grad) against context length, one fresh process per variant
     (`MALLOC_MMAP_THRESHOLD_=65536`, the kernel's RSS high-water mark reset before each length, as `_harness` does):
     dense causal sdpa, blockwise (block 512, 4 sink tokens) through flex attention and through sdpa, and dense
@@ -60,6 +68,7 @@ from deepseekv3.training.recipes import build_stage_trainer, select_stage_exampl
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "benchmarks" / "results" / "bench_efficiency.json"
 OFFICIAL_CONFIG = ROOT.parent / "shared" / "fixtures" / "deepseek-v3-config.json"
+PARTS = ("head_skipping", "int8", "memory")
 SKIP_FRACTIONS = {"skip_25": 3, "skip_37": 5, "skip_50": 6}  # heads skipped of 12
 MEMORY_VARIANTS = {  # variant: (attention implementation, blockwise, longest context it runs)
     "dense_sdpa": ("sdpa", False, None),
@@ -79,13 +88,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "outputs" / "bench_efficiency")
     parser.add_argument("--retrain", action="store_true", help="train the cached models again")
     parser.add_argument("--train-steps", type=int, default=200)
-    parser.add_argument("--qat-steps", type=int, default=40)
-    parser.add_argument(
-        "--qat-lr-factor", type=float, default=0.1, help="QAT learning rate as a fraction of the training one"
-    )
+    parser.add_argument("--qat-steps", type=int, default=40, help="last steps of the training run redone with QAT")
     parser.add_argument("--gate-penalty", type=float, default=0.1, help="attention_gate_sparsity_weight")
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--num-clips", type=int, default=500)
+    parser.add_argument("--eval-images", type=int, default=4000, help="images of the INT8 accuracy data")
+    parser.add_argument("--eval-clips", type=int, default=2000, help="clips of the INT8 accuracy data")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--skip-lengths", default="4096,16384")
     parser.add_argument("--memory-lengths", default="1024,2048,4096,8192,16384,32768")
     parser.add_argument("--repeats", type=int, default=5, help="clean timed rounds per comparison")
@@ -97,7 +106,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--output", type=Path, default=RESULTS_PATH)
     parser.add_argument("--memory-worker", choices=list(MEMORY_VARIANTS), help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if not 0 < args.qat_steps < args.train_steps:
+        parser.error(f"--qat-steps ({args.qat_steps}) must be between 0 and --train-steps ({args.train_steps})")
+    if not set(args.parts.split(",")) <= set(PARTS):
+        parser.error(f"--parts ({args.parts}) must name some of {', '.join(PARTS)}")
+    return args
 
 
 # --- the demo model, trained with the gate penalty, and its QAT copy ---------------------------------------------
@@ -108,7 +122,7 @@ def demo_settings(args: argparse.Namespace) -> DemoSettings:
         output_dir=str(args.cache_dir),
         num_images=args.num_images,
         num_clips=args.num_clips,
-        stage_steps={"instruct": args.train_steps, "qat": args.qat_steps},
+        stage_steps={"instruct": args.train_steps},
     )
 
 
@@ -120,8 +134,23 @@ def demo_data(settings: DemoSettings):
     return data["train"], seen["test"]
 
 
+def accuracy_rows(settings: DemoSettings, args: argparse.Namespace):
+    """The INT8 accuracy data: a draw of the generator the model never trained on, every row but the held-out task's
+    (the test split of the training data is too small to resolve a point: see the module docstring)."""
+    data = build_multimodal_dataset(
+        args.eval_images,
+        args.eval_clips,
+        seed=settings.seed + 1,
+        image_size=settings.image_size,
+        split_sizes={"test": 1.0},
+    )
+    seen, _ = split_held_out(data)
+    return seen["test"]
+
+
 def train_models(args: argparse.Namespace) -> dict:
-    """Train the gate-penalised demo model and its QAT copy into the cache; returns the training record."""
+    """Train the gate-penalised demo model, and its last `--qat-steps` steps again with QAT, into the cache; returns
+    the training record."""
     settings = demo_settings(args)
     started = time.perf_counter()
     set_seed(settings.seed)
@@ -133,18 +162,22 @@ def train_models(args: argparse.Namespace) -> dict:
     examples = encode_rows(processor, train_rows, model.config.patch_size, progress=False)
     examples = select_stage_examples("instruct", train_rows, examples)
     training = stage_training_arguments(settings, "instruct", args.cache_dir, args.train_steps)
+    qat_from_step = args.train_steps - args.qat_steps
+    training.set_save(strategy="steps", steps=qat_from_step)  # Trainer also saves at the end
     trainer = build_stage_trainer("instruct", model, examples, training)
     trainer.train()
     model.save_pretrained(args.cache_dir / "fp32")
     processor.save_pretrained(args.cache_dir / "fp32")
     fp32_seconds = time.perf_counter() - started
 
-    # QAT: the trained model, fake-quantized, `--qat-steps` more steps at `--qat-lr-factor` of the learning rate
-    qat_model = AutoModelForCausalLM.from_pretrained(args.cache_dir / "fp32")
+    # QAT: the same run from its checkpoint at `qat_from_step`, fake-quantized (same arguments, no checkpoints)
+    checkpoint = Path(training.output_dir) / f"checkpoint-{qat_from_step}"
+    qat_model = AutoModelForCausalLM.from_pretrained(checkpoint)
     qat_model.set_experts_implementation("eager")
-    qat_training = stage_training_arguments(settings, "qat", args.cache_dir, args.qat_steps)
-    qat_training.learning_rate = settings.learning_rate * args.qat_lr_factor
-    qat_int8 = train_qat(qat_model, examples, qat_training, args.cache_dir / "qat_trained")
+    qat_training = stage_training_arguments(settings, "instruct", args.cache_dir / "qat", args.train_steps)
+    qat_int8 = train_qat(
+        qat_model, examples, qat_training, args.cache_dir / "qat_trained", resume_from_checkpoint=checkpoint
+    )
     qat_int8.save_pretrained(args.cache_dir / "qat_int8")
     record = {
         "train_steps": args.train_steps,
@@ -152,7 +185,6 @@ def train_models(args: argparse.Namespace) -> dict:
         "gate_penalty": args.gate_penalty,
         "batch_size": settings.batch_size,
         "learning_rate": settings.learning_rate,
-        "qat_learning_rate": qat_training.learning_rate,
         "num_images": settings.num_images,
         "num_clips": settings.num_clips,
         "fp32_train_seconds": round(fp32_seconds, 1),
@@ -166,7 +198,7 @@ def train_models(args: argparse.Namespace) -> dict:
 def load_models(args: argparse.Namespace) -> tuple[dict, object, dict]:
     """The fp32, PTQ and QAT models (training them first when the cache lacks them), processor, training record."""
     if args.retrain or not (args.cache_dir / "training.json").is_file():
-        print(f"Training the demo model ({args.train_steps} steps) and its QAT copy ({args.qat_steps} steps)")
+        print(f"Training the demo model ({args.train_steps} steps), its last {args.qat_steps} steps again with QAT")
         train_models(args)
     record = json.loads((args.cache_dir / "training.json").read_text())
     processor = AutoProcessor.from_pretrained(args.cache_dir / "fp32")
@@ -295,9 +327,20 @@ def bench_head_skipping(model, examples, length: int, args) -> dict:
 # --- (b) INT8 ----------------------------------------------------------------------------------------------------
 
 
-def accuracy(model, processor, rows, examples) -> float:
+def correct_answers(model, processor, rows, examples) -> torch.Tensor:
+    """1.0 where the model's answer to a row is right, else 0.0, `(len(rows),)`."""
     predictions = predict_answers(model, processor, rows, examples, progress=False)
-    return sum(prediction == rows[index]["answer"] for index, prediction in enumerate(predictions)) / len(rows)
+    return torch.tensor([float(prediction == rows[index]["answer"]) for index, prediction in enumerate(predictions)])
+
+
+def accuracy_difference(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    """`other`'s accuracy minus `reference`'s on the same rows, in points, with the paired standard error (both
+    models answer every row, so only the rows where they disagree add noise)."""
+    difference = other - reference
+    return {
+        "points": 100 * float(difference.mean()),
+        "standard_error_points": 100 * float(difference.std() / len(difference) ** 0.5),
+    }
 
 
 def time_forwards(models: dict, batch: dict, args) -> dict:
@@ -333,24 +376,27 @@ def compile_linear_layers(model):
     return model
 
 
-def bench_int8(models: dict, processor, rows, examples, args) -> dict:
+def bench_int8(models: dict, processor, examples, accuracy_data, args) -> dict:
     batch = InstructionCollator(models["fp32"].config)(examples[:16])
     batch.pop("labels")
     print(f"  INT8 latency: batch {tuple(batch['input_ids'].shape)}")
     figures = {"demo_batch": list(batch["input_ids"].shape), "demo": time_forwards(models, batch, args)}
-    for name, model in models.items():
-        figures["demo"][name]["accuracy"] = accuracy(model, processor, rows, examples)
-    reference = figures["demo"]["fp32"]["accuracy"]
-    for name in models:
-        figures["demo"][name]["accuracy_loss_points"] = 100 * (reference - figures["demo"][name]["accuracy"])
-    # QAT fine-tunes `--qat-steps` more steps: its loss is against its own trained weights before conversion
+    rows, accuracy_examples = accuracy_data
+    print(f"  INT8 accuracy: {len(rows)} rows")
+    figures["accuracy_rows"] = len(rows)
+    correct = {name: correct_answers(model, processor, rows, accuracy_examples) for name, model in models.items()}
+    # QAT's fake-quantized weights before conversion: how much of its difference to fp32 is conversion
     qat_fp32 = AutoModelForCausalLM.from_pretrained(args.cache_dir / "qat_trained").eval()
     qat_fp32.set_experts_implementation("eager")
-    qat_weights_accuracy = accuracy(qat_fp32, processor, rows, examples)
-    figures["demo"]["int8_qat"]["fp32_weights_accuracy"] = qat_weights_accuracy
-    figures["demo"]["int8_qat"]["conversion_loss_points"] = 100 * (
-        qat_weights_accuracy - figures["demo"]["int8_qat"]["accuracy"]
-    )
+    qat_fp32_correct = correct_answers(qat_fp32, processor, rows, accuracy_examples)
+    for name in models:
+        difference = accuracy_difference(correct["fp32"], correct[name])
+        figures["demo"][name]["accuracy"] = float(correct[name].mean())
+        figures["demo"][name]["accuracy_loss_points"] = -difference["points"]
+        figures["demo"][name]["accuracy_loss_standard_error_points"] = difference["standard_error_points"]
+    qat = figures["demo"]["int8_qat"]
+    qat["fp32_weights_accuracy"] = float(qat_fp32_correct.mean())
+    qat["conversion_loss_points"] = -accuracy_difference(qat_fp32_correct, correct["int8_qat"])["points"]
 
     # where int8 kernels pay: a dense model with 1024-wide matmuls (random weights; latency only)
     config = DeepseekV3MultimodalConfig(
@@ -440,10 +486,12 @@ def bench_memory(args) -> dict:
 
 
 def cache_bytes_per_token(config, bytes_per_element: float = 4) -> dict:
-    """MLA caches one latent (`kv_lora_rank`) and one rotary key (`qk_rope_head_dim`) per layer and token; the
-    equivalent multi-head cache holds every head's key (`qk_head_dim`) and value (`v_head_dim`)."""
+    """MLA caches one latent (`kv_lora_rank`) and one rotary key (`qk_rope_head_dim`) per layer and token, plus the
+    patch row and column with `use_image_position_values`; the equivalent multi-head cache holds every head's key
+    (`qk_head_dim`) and value (`v_head_dim`)."""
     layers = config["num_hidden_layers"]
-    mla = layers * (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * bytes_per_element
+    coordinates = 2 if config.get("use_image_position_values") else 0
+    mla = layers * (config["kv_lora_rank"] + config["qk_rope_head_dim"] + coordinates) * bytes_per_element
     qk_head_dim = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
     mha = layers * config["num_attention_heads"] * (qk_head_dim + config["v_head_dim"]) * bytes_per_element
     return {"mla_bytes": mla, "mha_bytes": mha, "reduction": 1 - mla / mha}
@@ -478,7 +526,7 @@ def bench_cache(model) -> dict:
 # --- report --------------------------------------------------------------------------------------------------------
 
 
-def print_tables(result: dict) -> None:
+def print_head_skipping(result: dict) -> None:
     for figures in result["head_skipping"].values():
         print(
             f"\n(a) head skipping, {figures['tokens']} tokens (sdpa, CPU; medians of {figures['rounds_kept']} rounds)"
@@ -495,20 +543,29 @@ def print_tables(result: dict) -> None:
                 f"{row.get('attention_time_ratio', 1):>6.3f} "
                 f"{row.get('cosine_mean', 1):>8.4f} {row.get('cosine_min', 1):>8.4f}"
             )
+
+
+def print_int8(result: dict) -> None:
     int8 = result["int8"]
-    print(f"\n(b) INT8, demo model, batch {int8['demo_batch']}: latency (CPU) and test accuracy")
+    print(
+        f"\n(b) INT8, demo model, batch {int8['demo_batch']}: latency (CPU); accuracy on {int8['accuracy_rows']} rows "
+        "(paired standard error)"
+    )
     for name, row in int8["demo"].items():
         print(
-            f"{name:<9} {row['median_ms']:>8.1f} ms  x{row['speedup']:.2f}  accuracy {row['accuracy']:.3f} "
-            f"({-row['accuracy_loss_points']:+.1f} points)"
+            f"{name:<9} {row['median_ms']:>8.1f} ms  x{row['speedup']:.2f}  accuracy {row['accuracy']:.4f} "
+            f"({-row['accuracy_loss_points']:+.2f} +- {row['accuracy_loss_standard_error_points']:.2f} points)"
         )
     qat = int8["demo"]["int8_qat"]
     print(
-        f"QAT's fp32 weights before conversion: accuracy {qat['fp32_weights_accuracy']:.3f}; int8 conversion loss "
-        f"{qat['conversion_loss_points']:.1f} points"
+        f"QAT's fp32 weights before conversion: accuracy {qat['fp32_weights_accuracy']:.4f}; int8 conversion loss "
+        f"{qat['conversion_loss_points']:.2f} points"
     )
     for name, row in int8["hidden_1024"].items():
         print(f"hidden-1024 {name:<9} {row['median_ms']:>8.1f} ms  x{row['speedup']:.2f}")
+
+
+def print_memory(result: dict) -> None:
     print("\n(c) forward peak memory (MB) / time (s) against context length")
     lengths = sorted({length for figures in result["memory"].values() for length in figures})
     print(f"{'variant':<15}" + "".join(f"{length:>14}" for length in lengths))
@@ -530,20 +587,35 @@ def print_tables(result: dict) -> None:
     )
 
 
-def headline(result: dict) -> list[dict]:
+def head_skipping_headline(result: dict) -> list[tuple]:
     longest = result["head_skipping"][max(result["head_skipping"], key=int)]["skip_37"]
-    int8 = result["int8"]["demo"]
-    memory = result["memory"]["blockwise_flex"]
-    lengths = sorted(memory)
-    figures = [
+    return [
         ("attention_compute_saved_skip_37_longest", longest["attention_compute_saved"], 0.37, True),
         ("final_hidden_cosine_skip_37_longest", longest["cosine_mean"], 0.98, True),
+    ]
+
+
+def int8_headline(result: dict) -> list[tuple]:
+    int8 = result["int8"]["demo"]
+    figures = [
         ("int8_ptq_cpu_speedup_demo", int8["int8_ptq"]["speedup"], 1.5, True),
         ("int8_qat_cpu_speedup_demo", int8["int8_qat"]["speedup"], 1.5, True),
         ("int8_ptq_cpu_speedup_hidden_1024", result["int8"]["hidden_1024"]["int8_ptq"]["speedup"], 1.5, True),
-        ("int8_qat_accuracy_loss_points", int8["int8_qat"]["conversion_loss_points"], 1.0, False),
-        ("int8_qat_vs_fp32_accuracy_points", -int8["int8_qat"]["accuracy_loss_points"], None, True),
+        ("int8_qat_accuracy_loss_points", int8["int8_qat"]["accuracy_loss_points"], 1.0, False),
+        ("int8_qat_conversion_loss_points", int8["int8_qat"]["conversion_loss_points"], None, False),
         ("int8_ptq_accuracy_loss_points", int8["int8_ptq"]["accuracy_loss_points"], None, False),
+    ]
+    if "int8_ptq_compiled" in result["int8"]["hidden_1024"]:
+        compiled = result["int8"]["hidden_1024"]
+        speedup = compiled["fp32"]["median_ms"] / compiled["int8_ptq_compiled"]["median_ms"]
+        figures.insert(3, ("int8_ptq_compiled_cpu_speedup_hidden_1024", speedup, 1.5, True))
+    return figures
+
+
+def memory_headline(result: dict) -> list[tuple]:
+    memory = result["memory"]["blockwise_flex"]
+    lengths = sorted(memory)
+    return [
         (
             "blockwise_flex_memory_growth_per_doubling",
             (memory[lengths[-1]]["forward_peak_mb"] / memory[lengths[-2]]["forward_peak_mb"]),
@@ -558,10 +630,17 @@ def headline(result: dict) -> list[dict]:
             True,
         ),
     ]
-    if "int8_ptq_compiled" in result["int8"]["hidden_1024"]:
-        compiled = result["int8"]["hidden_1024"]
-        speedup = compiled["fp32"]["median_ms"] / compiled["int8_ptq_compiled"]["median_ms"]
-        figures.insert(5, ("int8_ptq_compiled_cpu_speedup_hidden_1024", speedup, 1.5, True))
+
+
+REPORTS = {  # part: (table printer, headline figures)
+    "head_skipping": (print_head_skipping, head_skipping_headline),
+    "int8": (print_int8, int8_headline),
+    "memory": (print_memory, memory_headline),
+}
+
+
+def headline(result: dict, parts: list[str]) -> list[dict]:
+    figures = [figure for part in parts for figure in REPORTS[part][1](result)]
     return [
         {"name": name, "value": round(value, 4), "target": target, "higher_is_better": higher}
         for name, value, target, higher in figures
@@ -574,30 +653,39 @@ def main() -> None:
     if args.memory_worker:
         memory_worker(args.memory_worker, lengths)
         return
+    parts = [part for part in PARTS if part in args.parts.split(",")]
     started = time.perf_counter()
-    models, processor, training = load_models(args)
-    settings = demo_settings(args)
-    _, test_rows = demo_data(settings)
-    test_examples = encode_rows(processor, test_rows, models["fp32"].config.patch_size, progress=False)
     result = {
         "benchmark": "bench_efficiency",
         "command": " ".join([Path(sys.executable).name, "benchmarks/bench_efficiency.py", *sys.argv[1:]]),
         "machine": machine_info("cpu"),
-        "training": {key: value for key, value in training.items() if key != "log_history"},
-        "training_last_log": training["log_history"][-1],
-        "head_skipping": {},
+        "parts": parts,
     }
-    print("(a) head skipping")
-    for length in (int(length) for length in args.skip_lengths.split(",")):
-        result["head_skipping"][str(length)] = bench_head_skipping(models["fp32"], test_examples, length, args)
-    print("(b) INT8")
-    result["int8"] = bench_int8(models, processor, test_rows, test_examples, args)
-    print("(c) memory")
-    result["memory"] = bench_memory(args)
-    result["mla_cache"] = bench_cache(models["fp32"])
+    models, processor, training = load_models(args)
+    settings = demo_settings(args)
+    _, test_rows = demo_data(settings)
+    test_examples = encode_rows(processor, test_rows, models["fp32"].config.patch_size, progress=False)
+    result["training"] = {key: value for key, value in training.items() if key != "log_history"}
+    result["training_last_log"] = training["log_history"][-1]
+    if "head_skipping" in parts:
+        print("(a) head skipping")
+        result["head_skipping"] = {
+            str(length): bench_head_skipping(models["fp32"], test_examples, length, args)
+            for length in (int(length) for length in args.skip_lengths.split(","))
+        }
+    if "int8" in parts:
+        print("(b) INT8")
+        rows = accuracy_rows(settings, args)
+        accuracy_data = (rows, encode_rows(processor, rows, models["fp32"].config.patch_size, progress=False))
+        result["int8"] = bench_int8(models, processor, test_examples, accuracy_data, args)
+    if "memory" in parts:
+        print("(c) memory")
+        result["memory"] = bench_memory(args)
+        result["mla_cache"] = bench_cache(models["fp32"])
     result["wall_time_s"] = time.perf_counter() - started
-    result["headline"] = headline(result)
-    print_tables(result)
+    result["headline"] = headline(result, parts)
+    for part in parts:
+        REPORTS[part][0](result)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"Wrote {args.output} ({result['wall_time_s']:.0f} s)")

@@ -22,7 +22,7 @@ from deepseekv3.quantization import (
 from deepseekv3.tokenization import train_tokenizer
 from deepseekv3.training.collators import encode_rows
 from deepseekv3.training.demo import DemoSettings, build_demo_model
-from deepseekv3.training.recipes import select_stage_examples
+from deepseekv3.training.recipes import build_stage_trainer, select_stage_examples
 
 
 def linear_weight_types(model: nn.Module) -> dict[str, type]:
@@ -152,3 +152,48 @@ def test_qat_runs_end_to_end_on_the_trainer_recipe(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=batch).logits, int8_logits, atol=1e-6, rtol=1e-6)
     assert reloaded.generate(batch, max_new_tokens=3, do_sample=False).shape == (2, 19)
+
+
+def test_qat_resumed_from_a_checkpoint_continues_that_run(tmp_path):
+    data = build_multimodal_dataset(SETTINGS.num_images, SETTINGS.num_clips, seed=0)
+    tokenizer = train_tokenizer(build_text_corpus(SETTINGS.num_images, SETTINGS.num_clips, 0), vocab_size=320)
+    torch.manual_seed(0)
+    model, processor = build_demo_model(tokenizer, SETTINGS)
+    examples = encode_rows(processor, data["train"], model.config.patch_size, progress=False)
+    examples = select_stage_examples("instruct", data["train"], examples)
+
+    def arguments(output_dir):
+        return TrainingArguments(
+            output_dir=str(output_dir),
+            max_steps=6,
+            per_device_train_batch_size=4,
+            learning_rate=1e-3,
+            warmup_steps=2,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+            seed=0,
+        )
+
+    run = arguments(tmp_path / "run").set_save(strategy="steps", steps=4)
+    build_stage_trainer("instruct", model, examples, run).train()
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    start = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict()
+    moves = {}
+    for name, resume in (("resumed", checkpoint), ("restarted", None)):
+        qat_model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        train_qat(
+            qat_model, examples, arguments(tmp_path / name), tmp_path / name / "trained", resume_from_checkpoint=resume
+        )
+        trained = AutoModelForCausalLM.from_pretrained(tmp_path / name / "trained").state_dict()
+        moves[name] = torch.cat([(trained[key] - start[key]).flatten() for key in start])
+    run_move = torch.cat([(value - start[key]).flatten() for key, value in model.state_dict().items()])
+
+    # resumed: the run's last 2 steps (its optimizer state, schedule and batches), fake-quantized; restarted: 6 steps
+    # of a fresh optimizer and schedule from the checkpoint, another trajectory
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(moves["resumed"], run_move, dim=0) > 0.99
+    torch.testing.assert_close(moves["resumed"].norm(), run_move.norm(), rtol=0.02, atol=0)
+    assert cosine(moves["restarted"], run_move, dim=0) < 0.9 and moves["restarted"].norm() > 2 * run_move.norm()
