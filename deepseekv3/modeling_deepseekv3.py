@@ -1066,8 +1066,9 @@ def attention_distillation_loss(
     text-to-image attention.
 
     For each layer, the attention of every query position in `query_mask` is restricted to the row's image tokens,
-    renormalised to a distribution over the image's patches and averaged over heads; its KL divergence from the
-    position's target is averaged over the row's query positions, then over rows and layers.
+    renormalised to a distribution over the image's patches and averaged over heads (or over each group of heads, with
+    per-group targets); its KL divergence from the position's target is averaged over the row's query positions (and
+    head groups), then over rows and layers.
 
     Args:
         attentions (`tuple` of `torch.Tensor` of shape `(batch, num_heads, seq_len, seq_len)`): attention
@@ -1075,10 +1076,13 @@ def attention_distillation_loss(
         image_mask (`torch.Tensor` of shape `(batch, seq_len)`): the image placeholder positions; every row holds
             exactly one image (`num_patches` positions).
         query_mask (`torch.Tensor` of shape `(batch, seq_len)`): the text positions whose attention is distilled.
-        targets (`torch.Tensor` of shape `(batch, num_patches)` or `(batch, seq_len, num_patches)`): the teacher
-            distribution over patches (summing to 1), one per row (shared by the row's query positions) or one per
-            position (read at the query positions only): a teacher model's attention, or the region of the object
-            a position names.
+        targets (`torch.Tensor`): the teacher distribution over patches (summing to 1) of shape
+            `(batch, num_patches)`, one per row (shared by the row's query positions); `(batch, seq_len,
+            num_patches)`, one per position (read at the query positions only): a teacher model's attention, or the
+            region of the object a position names; or `(batch, seq_len, num_groups, num_patches)`, one per position
+            and group of heads: the heads are split into `num_groups` consecutive equal groups (which must divide
+            `num_heads`), each distilled to its own target, so that a question about a relation can send some heads
+            to each of the two objects.
 
     Returns:
         `torch.Tensor` of shape `()`, in fp32.
@@ -1090,24 +1094,33 @@ def attention_distillation_loss(
             f"distillation needs exactly one image of {num_patches} patches per row; rows have "
             f"{patches_per_row.tolist()} image tokens"
         )
-    if targets.ndim == 3 and targets.shape[1] != query_mask.shape[1]:
+    if targets.ndim >= 3 and targets.shape[1] != query_mask.shape[1]:
         raise ValueError(
             f"per-position distillation_targets cover {targets.shape[1]} positions, the inputs have "
             f"{query_mask.shape[1]}"
         )
+    num_groups = targets.shape[2] if targets.ndim == 4 else 1
+    num_heads = attentions[0].shape[1]
+    if num_heads % num_groups != 0:
+        raise ValueError(f"distillation_targets have {num_groups} head groups, which must divide {num_heads} heads")
     queries_per_row = query_mask.sum(dim=-1)
     if not bool((queries_per_row > 0).all()):
         raise ValueError(f"distillation_query_mask selects no position in rows {(queries_per_row == 0).nonzero()}")
     image_positions = image_mask.nonzero()[:, 1].view(batch_size, 1, 1, num_patches)
     query_weights = query_mask.float() / queries_per_row[:, None]  # (batch, seq_len)
-    targets = targets.float() if targets.ndim == 3 else targets.float()[:, None, :]  # (batch, seq_len or 1, patches)
+    # (batch, num_groups, seq_len or 1, num_patches)
+    if targets.ndim == 4:
+        targets = targets.float().transpose(1, 2)
+    else:
+        targets = targets.float().view(batch_size, 1, -1, num_patches)
     layer_losses = []
     for attention in attentions:
         # (batch, heads, seq_len, num_patches): each query's attention to the image, renormalised over patches
         to_image = attention.float().gather(-1, image_positions.expand(*attention.shape[:3], num_patches))
         to_image = to_image / to_image.sum(dim=-1, keepdim=True).clamp(min=1e-12)
-        student = to_image.mean(dim=1)  # (batch, seq_len, num_patches)
-        kl = (torch.xlogy(targets, targets) - targets * student.clamp(min=1e-12).log()).sum(dim=-1)
+        # (batch, num_groups, seq_len, num_patches): averaged over each group's heads
+        student = to_image.view(batch_size, num_groups, num_heads // num_groups, *to_image.shape[2:]).mean(dim=2)
+        kl = (torch.xlogy(targets, targets) - targets * student.clamp(min=1e-12).log()).sum(dim=-1).mean(dim=1)
         layer_losses.append((kl * query_weights).sum(dim=-1).mean())
     return torch.stack(layer_losses).mean()
 
@@ -1175,9 +1188,10 @@ class DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalPreTraine
                 image and audio clip of the call (images first); adds `contrastive_loss`. Without `input_ids` the
                 call computes only that loss.
             contrastive_attention_mask (`torch.Tensor` of shape `(num_pairs, text_len)`, *optional*).
-            distillation_targets (`torch.FloatTensor` of shape `(batch, num_image_tokens)` or `(batch, seq_len,
-                num_image_tokens)`, *optional*): teacher distribution over each row's image patches, per row or per
-                query position; adds `distillation_loss` (needs eager attention).
+            distillation_targets (`torch.FloatTensor` of shape `(batch, num_image_tokens)`, `(batch, seq_len,
+                num_image_tokens)` or `(batch, seq_len, num_groups, num_image_tokens)`, *optional*): teacher
+                distribution over each row's image patches, per row, per query position, or per query position and
+                group of heads (`attention_distillation_loss`); adds `distillation_loss` (needs eager attention).
             distillation_query_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): the text positions
                 whose attention to the image is distilled; required with `distillation_targets`.
             logits_to_keep (`int` or `torch.Tensor`): keep only the last `n` positions' logits (0 keeps all).

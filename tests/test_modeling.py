@@ -615,6 +615,22 @@ def test_distillation_loss_is_zero_at_the_students_own_attention_and_trains(tiny
     moved = own.clone()
     moved[0, -1] = F.one_hot(torch.tensor(0), NUM_IMAGE_TOKENS).float()
     assert attention_distillation_loss(attentions[-1:], image_mask, query_mask, moved) > 0.1
+    # per group of heads: heads 0-1 put 3/4 of their attention on patch 0 and 1/4 on patch 1, heads 2-3 the reverse.
+    # Each group's own split is a zero-loss target; half on each patch is zero-loss for the heads' average but costs
+    # each group KL((1/2, 1/2) || (3/4, 1/4)) = log(4/3) / 2
+    split = torch.zeros_like(attention)
+    first_patches = image_positions[:, 0, 0, :2]  # (batch, 2): sequence positions of patches 0 and 1
+    for row in range(2):
+        split[row, :2, :, first_patches[row]] = torch.tensor([0.75, 0.25])
+        split[row, 2:, :, first_patches[row]] = torch.tensor([0.25, 0.75])
+    patches = torch.zeros(2, NUM_IMAGE_TOKENS)
+    patches[:, :2] = torch.tensor([[0.75, 0.25], [0.25, 0.75]])
+    own_groups = patches.expand(2, query_mask.shape[1], -1, -1)  # (batch, seq, group, patches)
+    assert attention_distillation_loss((split,), image_mask, query_mask, own_groups).abs() < 1e-6
+    halves = patches.mean(0).expand(2, query_mask.shape[1], -1)
+    assert attention_distillation_loss((split,), image_mask, query_mask, halves).abs() < 1e-6
+    per_group = attention_distillation_loss((split,), image_mask, query_mask, halves[:, :, None].expand(-1, -1, 2, -1))
+    torch.testing.assert_close(per_group, torch.log(torch.tensor(4 / 3)) / 2)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
@@ -639,6 +655,9 @@ def test_distillation_refuses_what_it_cannot_compute(tiny_config):
         eager(**batch, distillation_targets=targets)
     with pytest.raises(ValueError, match="per-position distillation_targets cover 3 positions"):
         eager(**batch, distillation_targets=targets[:, None, :].expand(-1, 3, -1), distillation_query_mask=query_mask)
+    three_groups = targets[:, None, None, :].expand(-1, batch["input_ids"].shape[1], 3, -1)
+    with pytest.raises(ValueError, match="3 head groups, which must divide 4 heads"):
+        eager(**batch, distillation_targets=three_groups, distillation_query_mask=query_mask)
 
 
 def test_router_and_gates_compute_in_float32_under_autocast(tiny_config):

@@ -6,9 +6,9 @@ built-in data sets, in chunks, and keeps one tokenized example per row; training
 - `InstructionCollator` (stage 3, LoRA): the conversation, labels on the assistant's reply only.
 - `DistillationCollator` (stage 2): the same, plus a teacher distribution over patches for each question token that
   names an object: the region of the object it names, and for the position that predicts the answer, the region of
-  the object the answer is about (`distillation_targets`, `(batch, seq_len, num_patches)`), at the positions of
-  `distillation_query_mask` (every question position, with all referred objects' region, when the question names
-  no object).
+  the object the answer is about with half of the heads and, for a relation, the other object with the other half
+  (`distillation_targets`, `(batch, seq_len, 2, num_patches)`), at the positions of `distillation_query_mask` (every
+  question position, with all referred objects' region, when the question names no object).
 - `ContrastiveCollator` (stage 1): every row's caption paired with its image or clip (`contrastive_input_ids`).
 
 A row holds one image (`row["image"]`) or one clip (`row["audio"] = {"array", "sampling_rate"}`); its `messages`
@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 _MEDIA_KEYS = ("pixel_values", "input_features", "input_features_mask")
+# Groups of heads with their own distillation targets (`attention_distillation_loss`); must divide the model's heads.
+_HEAD_GROUPS = 2
 
 
 def _clip(row: Mapping[str, Any]) -> np.ndarray:
@@ -137,14 +139,16 @@ def _encode_chunk(processor, rows, patch_size) -> list[dict[str, Any]]:
 
 
 def _distillation_fields(row, example, tokenizer, image_size: int, patch_size: int) -> dict[str, torch.Tensor]:
-    """Per-position teacher distributions: each question token that names a referred object (its colour or shape
-    word) targets that object's region, and the position that predicts the answer targets the region of the object
-    the answer is about (the first referred object); a question naming none (`how many shapes are there?`) has every
-    question position target the region of all the referred objects.
+    """Per-position teacher distributions for two groups of heads: each question token that names a referred object
+    (its colour or shape word) targets that object's region, and the position that predicts the answer targets the
+    region of the object the answer is about (the first referred object) with the first half of the heads and, when
+    the question relates two objects, the object it is located from with the second half; a question naming none
+    (`how many shapes are there?`) has every question position target the region of all the referred objects.
 
-    The answer position's own target matters for relations: in "which side of the red circle is the blue square?"
-    a reader that pools both named objects equally sees a sum that is symmetric in the two positions and carries no
-    signal about the relation (no gradient either); looking at the object the answer is about breaks that symmetry.
+    The answer position's targets matter for relations: in "which side of the red circle is the blue square?" a
+    reader that pools both named objects equally sees a sum that is symmetric in the two and carries no signal about
+    the relation; one group of heads on each object gives the answer position both positions apart (with
+    `use_image_position_values`, as two attention-weighted patch coordinates).
     """
     # boxes are in the data's pixels; the processor resized the image to the model's image_size
     scale = image_size / row["image_size"]
@@ -159,7 +163,8 @@ def _distillation_fields(row, example, tokenizer, image_size: int, patch_size: i
     after_image = torch.cumsum(example["mm_token_type_ids"] == 1, dim=0) > 0
     in_prompt = torch.arange(input_ids.shape[0]) < example["prompt_length"]
     question_mask = is_text & after_image & in_prompt
-    targets = torch.zeros(input_ids.shape[0], (image_size // patch_size) ** 2)
+    # (seq_len, head groups, num_patches): both groups share a position's target unless set apart below
+    targets = torch.zeros(input_ids.shape[0], _HEAD_GROUPS, (image_size // patch_size) ** 2)
     query_mask = torch.zeros_like(question_mask)
     for position, index in _naming_positions(tokenizer, row, input_ids, question_mask):
         targets[position] = region([index])
@@ -168,9 +173,11 @@ def _distillation_fields(row, example, tokenizer, image_size: int, patch_size: i
         targets[question_mask] = region(row["referred_objects"])
         query_mask = question_mask
     else:
-        # the position that predicts the answer looks at the object the answer is about (the first referred one)
-        targets[example["prompt_length"] - 1] = region(row["referred_objects"][:1])
-        query_mask[example["prompt_length"] - 1] = True
+        referred = row["referred_objects"]
+        answer_position = example["prompt_length"] - 1
+        targets[answer_position, 0] = region(referred[:1])
+        targets[answer_position, 1] = region(referred[1:2] if len(referred) > 1 else referred[:1])
+        query_mask[answer_position] = True
     return {"distillation_targets": targets, "distillation_query_mask": query_mask}
 
 
@@ -225,7 +232,7 @@ class DistillationCollator(InstructionCollator):
         length = batch["input_ids"].shape[1]
         batch["distillation_targets"] = torch.stack(
             [
-                F.pad(example["distillation_targets"], (0, 0, 0, length - len(example["input_ids"])))
+                F.pad(example["distillation_targets"], (0, 0, 0, 0, 0, length - len(example["input_ids"])))
                 for example in examples
             ]
         )

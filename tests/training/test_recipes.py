@@ -104,10 +104,10 @@ def test_distillation_targets_are_region_distributions_over_question_positions(e
     image_examples = select_stage_examples("distill", rows, examples)[:6]
     batch = DistillationCollator(config)(image_examples)
     length = batch["input_ids"].shape[1]
-    assert batch["distillation_targets"].shape == (6, length, config.num_image_tokens)
+    assert batch["distillation_targets"].shape == (6, length, 2, config.num_image_tokens)  # two groups of heads
     queries = batch["distillation_query_mask"]
     assert queries.any(dim=1).all()
-    torch.testing.assert_close(batch["distillation_targets"][queries].sum(-1), torch.ones(int(queries.sum())))
+    torch.testing.assert_close(batch["distillation_targets"][queries].sum(-1), torch.ones(int(queries.sum()), 2))
     assert not (queries & (batch["input_ids"] == config.image_token_id)).any()
     assert not (queries & (batch["labels"] != -100)).any()
     with pytest.raises(ValueError, match="image examples only"):
@@ -124,17 +124,25 @@ def test_each_object_word_targets_the_region_of_the_object_it_names(encoded):
     words = [tokenizer.decode(example["input_ids"][position]).strip() for position in naming]
     first, second = (row["objects"][index] for index in row["referred_objects"][::-1])  # [1, 0]: B then A
     assert words == [first["color"], first["shape"], second["color"], second["shape"]]
-    # the position predicting the answer looks at the object the answer is about: B, "which side of A is B?"
+    # the position predicting the answer looks, with the first group of heads, at the object the answer is about
+    # (B in "which side of A is B?") and with the second at the object it is located from (A); a naming word's
+    # target is the same for both groups
     assert answer_position == example["prompt_length"] - 1
-    for position, index in zip([*naming, answer_position], (0, 0, 1, 1, 1)):
-        region = boxes_to_patch_weights([row["objects"][index]["box"]], row["image_size"], patch_size).flatten()
-        torch.testing.assert_close(example["distillation_targets"][position], torch.from_numpy(region))
+
+    def region(index):
+        box = row["objects"][index]["box"]
+        return torch.from_numpy(boxes_to_patch_weights([box], row["image_size"], patch_size).flatten())
+
+    for position, index in zip(naming, (0, 0, 1, 1)):
+        torch.testing.assert_close(example["distillation_targets"][position], torch.stack([region(index)] * 2))
+    answer_targets = example["distillation_targets"][answer_position]
+    torch.testing.assert_close(answer_targets, torch.stack([region(1), region(0)]))
     # "how many shapes are there?" names no object: every question position targets all the objects
     row, example = rows[count], examples[count]
     queries = example["distillation_query_mask"]
     assert int(queries.sum()) >= 6
     union = boxes_to_patch_weights([item["box"] for item in row["objects"]], row["image_size"], patch_size)
-    torch.testing.assert_close(example["distillation_targets"][queries][0], torch.from_numpy(union.flatten()))
+    torch.testing.assert_close(example["distillation_targets"][queries][0, 1], torch.from_numpy(union.flatten()))
 
 
 class _Interrupt(TrainerCallback):
