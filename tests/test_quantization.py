@@ -105,29 +105,37 @@ def test_quantize_filter_and_errors(saved_fp32, tmp_path):
 SETTINGS = DemoSettings(hidden_size=48, num_hidden_layers=2, num_images=24, num_clips=12)
 
 
-def test_qat_runs_end_to_end_on_the_trainer_recipe(tmp_path):
+def demo_model_and_instruct_examples():
+    """The tokenizer, a fresh demo model (seed 0) and its encoded instruction examples of the tiny data."""
     data = build_multimodal_dataset(SETTINGS.num_images, SETTINGS.num_clips, seed=0)
     tokenizer = train_tokenizer(build_text_corpus(SETTINGS.num_images, SETTINGS.num_clips, 0), vocab_size=320)
     torch.manual_seed(0)
     model, processor = build_demo_model(tokenizer, SETTINGS)
     examples = encode_rows(processor, data["train"], model.config.patch_size, progress=False)
-    examples = select_stage_examples("instruct", data["train"], examples)
+    return tokenizer, model, select_stage_examples("instruct", data["train"], examples)
+
+
+def training_arguments(output_dir, **overrides) -> TrainingArguments:
+    """A short CPU run: batches of 4, learning rate 1e-3, no checkpoints unless `overrides` ask for them."""
+    defaults = {
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "remove_unused_columns": False,
+        "disable_tqdm": True,
+    }
+    return TrainingArguments(output_dir=str(output_dir), **{**defaults, **overrides})
+
+
+def test_qat_runs_end_to_end_on_the_trainer_recipe(tmp_path):
+    tokenizer, model, examples = demo_model_and_instruct_examples()
 
     quantizable = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     expected_int8 = {name for name in quantizable if not is_fp32_module(name)}
     batch = torch.randint(5, len(tokenizer), (2, 16))
-    arguments = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        remove_unused_columns=False,
-        disable_tqdm=True,
-    )
+    arguments = training_arguments(tmp_path / "run", max_steps=2, logging_steps=1)
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     quantized = train_qat(model, examples, arguments, tmp_path / "trained").eval()
     changed = [name for name, parameter in model.named_parameters() if not torch.equal(parameter, before[name])]
@@ -155,27 +163,10 @@ def test_qat_runs_end_to_end_on_the_trainer_recipe(tmp_path):
 
 
 def test_qat_resumed_from_a_checkpoint_continues_that_run(tmp_path):
-    data = build_multimodal_dataset(SETTINGS.num_images, SETTINGS.num_clips, seed=0)
-    tokenizer = train_tokenizer(build_text_corpus(SETTINGS.num_images, SETTINGS.num_clips, 0), vocab_size=320)
-    torch.manual_seed(0)
-    model, processor = build_demo_model(tokenizer, SETTINGS)
-    examples = encode_rows(processor, data["train"], model.config.patch_size, progress=False)
-    examples = select_stage_examples("instruct", data["train"], examples)
+    tokenizer, model, examples = demo_model_and_instruct_examples()
 
     def arguments(output_dir):
-        return TrainingArguments(
-            output_dir=str(output_dir),
-            max_steps=6,
-            per_device_train_batch_size=4,
-            learning_rate=1e-3,
-            warmup_steps=2,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            remove_unused_columns=False,
-            disable_tqdm=True,
-            seed=0,
-        )
+        return training_arguments(output_dir, max_steps=6, warmup_steps=2, seed=0)
 
     run = arguments(tmp_path / "run").set_save(strategy="steps", steps=4)
     build_stage_trainer("instruct", model, examples, run).train()
