@@ -47,13 +47,16 @@ class DemoSettings:
 
     output_dir: str = "./outputs/demo"
     seed: int = 0
-    num_images: int = 4000
+    num_images: int = 8000
     num_clips: int = 2000
     vocab_size: int = 384
     batch_size: int = 32
     learning_rate: float = 3e-3
+    # measured: at the full rate the contrastive stage leaves the decoder where spatial questions stay at chance
+    # through stage 2 (0.31 after 2,400 distillation steps), at a tenth they are learned there (0.90)
+    contrastive_learning_rate: float = 3e-4
     stage_steps: dict[str, int] = field(
-        default_factory=lambda: {"contrastive": 300, "distill": 400, "instruct": 1500, "lora": 300}
+        default_factory=lambda: {"contrastive": 300, "distill": 2400, "instruct": 1500, "lora": 300}
     )
     eval_rows: int = 400
     hidden_size: int = 96
@@ -101,6 +104,7 @@ def build_demo_model(
         image_size=settings.image_size,
         patch_size=settings.patch_size,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        use_image_position_values=True,
         use_audio_input=True,
         num_mel_bins=32,
         audio_conv_stride=4,
@@ -126,7 +130,7 @@ def stage_training_arguments(settings: DemoSettings, stage: str, output_dir: Pat
         output_dir=str(output_dir / "checkpoints" / stage),
         max_steps=steps,
         per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
+        learning_rate=settings.contrastive_learning_rate if stage == "contrastive" else settings.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, steps // 20),
         weight_decay=0.01,
