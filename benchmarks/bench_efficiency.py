@@ -369,6 +369,41 @@ def time_forwards(models: dict, batch: dict, args) -> dict:
     }
 
 
+def quantized_linear_share(fp32_model, int8_model, batch: dict, repeats: int = 20) -> dict:
+    """Share of the fp32 forward spent in the linear layers that PTQ quantizes (timed with forward hooks), and the
+    speed-up int8 could give at best if those layers took no time at all (Amdahl's bound)."""
+    quantized = {
+        name
+        for name, module in int8_model.named_modules()
+        if isinstance(module, torch.nn.Linear) and type(module.weight.data) is not torch.Tensor
+    }
+    spent, started = [0.0], {}
+
+    def before(module, args):
+        started[module] = time.perf_counter()
+
+    def after(module, args, output):
+        spent[0] += time.perf_counter() - started[module]
+
+    hooks = [
+        hook
+        for name, module in fp32_model.named_modules()
+        if name in quantized
+        for hook in (module.register_forward_pre_hook(before), module.register_forward_hook(after))
+    ]
+    with torch.no_grad():
+        fp32_model(**batch)  # warm-up
+        spent[0] = 0.0
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fp32_model(**batch)
+        total = time.perf_counter() - start
+    for hook in hooks:
+        hook.remove()
+    share = spent[0] / total
+    return {"quantized_linears": len(quantized), "share_of_forward": share, "speedup_bound": 1 / (1 - share)}
+
+
 def compile_linear_layers(model):
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
@@ -381,6 +416,7 @@ def bench_int8(models: dict, processor, examples, accuracy_data, args) -> dict:
     batch.pop("labels")
     print(f"  INT8 latency: batch {tuple(batch['input_ids'].shape)}")
     figures = {"demo_batch": list(batch["input_ids"].shape), "demo": time_forwards(models, batch, args)}
+    figures["demo_quantized_linear_share"] = quantized_linear_share(models["fp32"], models["int8_ptq"], batch)
     rows, accuracy_examples = accuracy_data
     print(f"  INT8 accuracy: {len(rows)} rows")
     figures["accuracy_rows"] = len(rows)
@@ -560,6 +596,11 @@ def print_int8(result: dict) -> None:
     print(
         f"QAT's fp32 weights before conversion: accuracy {qat['fp32_weights_accuracy']:.4f}; int8 conversion loss "
         f"{qat['conversion_loss_points']:.2f} points"
+    )
+    share = int8["demo_quantized_linear_share"]
+    print(
+        f"the {share['quantized_linears']} linear layers PTQ quantizes take {share['share_of_forward']:.1%} of the "
+        f"fp32 forward: int8 could be at most x{share['speedup_bound']:.2f} faster on the demo model"
     )
     for name, row in int8["hidden_1024"].items():
         print(f"hidden-1024 {name:<9} {row['median_ms']:>8.1f} ms  x{row['speedup']:.2f}")
