@@ -89,7 +89,9 @@ def test_deepspeed_zero2_smoke_matches_one_process(tmp_path, model_dir):
 
 
 def test_tensor_parallel_logits_and_gradients_match_one_process(tmp_path):
-    config = DeepseekV3MultimodalConfig(**TINY_TEXT_KWARGS, **TINY_MEDIA_KWARGS, use_attention_gate=True)
+    config = DeepseekV3MultimodalConfig(
+        **TINY_TEXT_KWARGS, **TINY_MEDIA_KWARGS, use_attention_gate=True, use_image_position_values=True
+    )
     model = DeepseekV3MultimodalForConditionalGeneration(config)
     model.save_pretrained(tmp_path / "model")
     num_image_tokens = config.num_image_tokens

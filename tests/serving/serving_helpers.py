@@ -11,10 +11,13 @@ STRIDE = TINY_MEDIA_KWARGS["audio_conv_stride"]
 
 
 def tiny_media_model(seed: int = 0, **overrides) -> DeepseekV3MultimodalForConditionalGeneration:
-    """Every feature on (gate, images, audio), seeded, in eval mode."""
+    """Every feature on (gate, images with position values, audio), seeded, in eval mode."""
     torch.manual_seed(seed)
     config = DeepseekV3MultimodalConfig(
-        **{**TINY_TEXT_KWARGS, **overrides}, **TINY_MEDIA_KWARGS, use_attention_gate=True
+        **{**TINY_TEXT_KWARGS, **overrides},
+        **TINY_MEDIA_KWARGS,
+        use_attention_gate=True,
+        use_image_position_values=True,
     )
     return DeepseekV3MultimodalForConditionalGeneration(config).eval()
 
