@@ -31,6 +31,46 @@ MAX_ROUNDS_FACTOR = 3
 MEMORY_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
+# The model both training-step benchmarks (bench_precision, bench_checkpointing) time: DeepSeek-V3's parts (MLA,
+# shared and routed experts, group-limited routing, a dense first layer) at a size a CPU steps through in seconds.
+TRAINING_STEP_MODEL_KWARGS = {
+    "vocab_size": 8192,
+    "hidden_size": 256,
+    "intermediate_size": 704,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "n_shared_experts": 1,
+    "n_routed_experts": 16,
+    "n_group": 4,
+    "topk_group": 2,
+    "num_experts_per_tok": 4,
+    "q_lora_rank": 128,
+    "kv_lora_rank": 64,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 32,
+    "max_position_embeddings": 4096,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "use_attention_gate": True,
+    "attn_implementation": "sdpa",
+}
+_FIRST_TEXT_TOKEN_ID = 5
+
+
+def training_step_batch(batch_size: int, seq_len: int, device: str) -> dict:
+    """A fixed random text batch (BOS first, labels = inputs) for `TRAINING_STEP_MODEL_KWARGS`'s model."""
+    generator = torch.Generator().manual_seed(1)
+    vocab_size = TRAINING_STEP_MODEL_KWARGS["vocab_size"]
+    input_ids = torch.randint(_FIRST_TEXT_TOKEN_ID, vocab_size, (batch_size, seq_len), generator=generator)
+    input_ids[:, 0] = TRAINING_STEP_MODEL_KWARGS["bos_token_id"]
+    return {"input_ids": input_ids.to(device), "labels": input_ids.clone().to(device)}
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -43,9 +43,11 @@ from pathlib import Path
 
 import torch
 from _harness import (
+    TRAINING_STEP_MODEL_KWARGS,
     memory_baseline,
     report_step_benchmark,
     time_variants,
+    training_step_batch,
     two_step_memory,
 )
 
@@ -53,33 +55,6 @@ from deepseekv3 import DeepseekV3MultimodalConfig, DeepseekV3MultimodalForCondit
 
 VARIANTS = ("none", "attention_only", "every_2nd_layer", "full")
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_checkpointing.json"
-MODEL_KWARGS = {
-    "vocab_size": 8192,
-    "hidden_size": 256,
-    "intermediate_size": 704,
-    "moe_intermediate_size": 128,
-    "num_hidden_layers": 4,
-    "first_k_dense_replace": 1,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 8,
-    "n_shared_experts": 1,
-    "n_routed_experts": 16,
-    "n_group": 4,
-    "topk_group": 2,
-    "num_experts_per_tok": 4,
-    "q_lora_rank": 128,
-    "kv_lora_rank": 64,
-    "qk_nope_head_dim": 32,
-    "qk_rope_head_dim": 16,
-    "v_head_dim": 32,
-    "max_position_embeddings": 4096,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "use_attention_gate": True,
-    "attn_implementation": "sdpa",
-}
-FIRST_TEXT_TOKEN_ID = 5
 CHECKPOINTING = {
     "attention_only": {"activation_checkpointing_kwargs": {"checkpoint_scope": "attention"}},
     "every_2nd_layer": {"every_n_layers": 2},
@@ -113,18 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(name: str, device: str) -> DeepseekV3MultimodalForConditionalGeneration:
     """Variant `name`'s model, with the weights of `torch.manual_seed(0)`."""
     torch.manual_seed(0)
-    model = DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalConfig(**MODEL_KWARGS)).to(device)
+    config = DeepseekV3MultimodalConfig(**TRAINING_STEP_MODEL_KWARGS)
+    model = DeepseekV3MultimodalForConditionalGeneration(config).to(device)
     if name != "none":
         model.activation_checkpointing_enable(**CHECKPOINTING[name])
     return model.train()
-
-
-def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    shape = (args.batch_size, args.seq_len)
-    input_ids = torch.randint(FIRST_TEXT_TOKEN_ID, MODEL_KWARGS["vocab_size"], shape, generator=generator)
-    input_ids[:, 0] = MODEL_KWARGS["bos_token_id"]
-    return {"input_ids": input_ids.to(args.device), "labels": input_ids.clone().to(args.device)}
 
 
 def make_step(model: torch.nn.Module, batch: dict) -> Callable[[], float]:
@@ -152,7 +120,7 @@ def check_losses(first_losses: dict[str, float]) -> None:
 def memory_worker(args: argparse.Namespace) -> None:
     """Runs in a fresh process: builds one variant, two steps, prints its memory figures as one JSON line."""
     name = args.memory_worker
-    batch = make_batch(args)
+    batch = training_step_batch(args.batch_size, args.seq_len, args.device)
     base = memory_baseline(args.device)
     step = make_step(build_model(name, args.device), batch)
     print(json.dumps(two_step_memory(step, args.device, base)))
@@ -188,7 +156,7 @@ def main() -> None:
         return
     started = time.perf_counter()
     print(f"Building the variants (batch {args.batch_size} x {args.seq_len}, {args.device})")
-    batch = make_batch(args)
+    batch = training_step_batch(args.batch_size, args.seq_len, args.device)
     steps = {name: make_step(build_model(name, args.device), batch) for name in VARIANTS}
     rounds, first_losses = time_variants(steps, VARIANTS, args.repeats, args.budget_s, args.device, started)
     check_losses(first_losses)
@@ -202,7 +170,7 @@ def main() -> None:
         VARIANTS,
         reference="none",
         reference_label="no checkpointing",
-        model_kwargs=MODEL_KWARGS,
+        model_kwargs=TRAINING_STEP_MODEL_KWARGS,
         headline=headline,
         targets_note="full checkpointing: >= 40% less activation memory (step_peak_mb) at <= 35% more step time",
         started=started,

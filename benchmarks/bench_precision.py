@@ -58,9 +58,11 @@ from pathlib import Path
 
 import torch
 from _harness import (
+    TRAINING_STEP_MODEL_KWARGS,
     memory_baseline,
     report_step_benchmark,
     time_variants,
+    training_step_batch,
     two_step_memory,
 )
 
@@ -69,33 +71,6 @@ from deepseekv3.training.precision import apply_precision_policy
 
 VARIANTS = ("fp32", "bf16_autocast", "fp32_checkpointing", "bf16_weights")
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_precision.json"
-MODEL_KWARGS = {
-    "vocab_size": 8192,
-    "hidden_size": 256,
-    "intermediate_size": 704,
-    "moe_intermediate_size": 128,
-    "num_hidden_layers": 4,
-    "first_k_dense_replace": 1,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 8,
-    "n_shared_experts": 1,
-    "n_routed_experts": 16,
-    "n_group": 4,
-    "topk_group": 2,
-    "num_experts_per_tok": 4,
-    "q_lora_rank": 128,
-    "kv_lora_rank": 64,
-    "qk_nope_head_dim": 32,
-    "qk_rope_head_dim": 16,
-    "v_head_dim": 32,
-    "max_position_embeddings": 4096,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "use_attention_gate": True,
-    "attn_implementation": "sdpa",
-}
-FIRST_TEXT_TOKEN_ID = 5
 # Sanity bounds on the warm-up losses (same weights, same batch): checkpointing recomputes the same fp32 numbers,
 # bf16 rounds them.
 CHECKPOINTING_LOSS_TOLERANCE = 1e-4
@@ -124,20 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(name: str, device: str) -> DeepseekV3MultimodalForConditionalGeneration:
     """Variant `name`'s model, with the weights of `torch.manual_seed(0)`."""
     torch.manual_seed(0)
-    model = DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalConfig(**MODEL_KWARGS)).to(device)
+    config = DeepseekV3MultimodalConfig(**TRAINING_STEP_MODEL_KWARGS)
+    model = DeepseekV3MultimodalForConditionalGeneration(config).to(device)
     if name == "fp32_checkpointing":
         model.activation_checkpointing_enable()
     elif name == "bf16_weights":
         apply_precision_policy(model, torch.bfloat16)
     return model.train()
-
-
-def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    shape = (args.batch_size, args.seq_len)
-    input_ids = torch.randint(FIRST_TEXT_TOKEN_ID, MODEL_KWARGS["vocab_size"], shape, generator=generator)
-    input_ids[:, 0] = MODEL_KWARGS["bos_token_id"]
-    return {"input_ids": input_ids.to(args.device), "labels": input_ids.clone().to(args.device)}
 
 
 def make_step(name: str, model: torch.nn.Module, batch: dict, device: str) -> Callable[[], float]:
@@ -175,7 +143,7 @@ def check_losses(first_losses: dict[str, float]) -> None:
 def memory_worker(args: argparse.Namespace) -> None:
     """Runs in a fresh process: builds one variant, two steps, prints its memory figures as one JSON line."""
     name = args.memory_worker
-    batch = make_batch(args)
+    batch = training_step_batch(args.batch_size, args.seq_len, args.device)
     base = memory_baseline(args.device)
     step = make_step(name, build_model(name, args.device), batch, args.device)
     print(json.dumps(two_step_memory(step, args.device, base)))
@@ -201,7 +169,7 @@ def main() -> None:
         return
     started = time.perf_counter()
     print(f"Building the variants (batch {args.batch_size} x {args.seq_len}, {args.device})")
-    batch = make_batch(args)
+    batch = training_step_batch(args.batch_size, args.seq_len, args.device)
     steps = {name: make_step(name, build_model(name, args.device), batch, args.device) for name in VARIANTS}
     rounds, first_losses = time_variants(steps, VARIANTS, args.repeats, args.budget_s, args.device, started)
     check_losses(first_losses)
@@ -215,7 +183,7 @@ def main() -> None:
         VARIANTS,
         reference="fp32",
         reference_label="fp32",
-        model_kwargs=MODEL_KWARGS,
+        model_kwargs=TRAINING_STEP_MODEL_KWARGS,
         headline=headline,
         targets_note="the issue gives no targets for this benchmark: every target is null",
         started=started,
