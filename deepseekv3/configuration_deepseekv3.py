@@ -49,6 +49,17 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
             Weight of the gate-sparsity penalty (L1: the mean gate value over layers, heads and real positions) that
             `forward` adds to the loss as `gate_sparsity_loss` whenever it computes a loss; it teaches gates to close
             so that heads can be skipped. `0.0` adds nothing. Must be non-negative; needs `use_attention_gate`.
+        router_bias_update_rate (`float`, *optional*, defaults to 0.001):
+            DeepSeek-V3's auxiliary-loss-free load balancing, the bias update speed `gamma`: after each optimizer step
+            of a training run, every MoE layer's `e_score_correction_bias` moves by `gamma * sign(mean load - load)`
+            per expert (the loads counted over the step's real tokens, on every data-parallel rank). `forward` returns
+            the loads (`expert_load`) in training mode; the update itself is applied by
+            `deepseekv3.training.balancing.ExpertLoadBalancer` (which `DeepseekV3Trainer` runs). Inference never
+            changes the bias. `0.0` switches the update off. Must be non-negative; V3 uses 0.001.
+        sequence_balance_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight `alpha` of DeepSeek-V3's complementary sequence-wise balance loss, `alpha * sum_i f_i * P_i` per
+            sequence and MoE layer (`sequence_balance_loss`), which `forward` adds as `balance_loss` in training mode
+            whenever it computes a loss. `0.0` adds nothing. Must be non-negative; V3 uses 0.0001.
         attention_block_size (`int`, *optional*):
             Blockwise local attention for long contexts: the sequence is cut into blocks of this many positions and a
             query attends (causally) to its own block and the one before, so it sees between `attention_block_size`
@@ -140,6 +151,8 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
     attention_gate_ratio: int = 16
     attention_gate_skip_threshold: float = 0.0
     attention_gate_sparsity_weight: float = 0.0
+    router_bias_update_rate: float = 0.001
+    sequence_balance_loss_weight: float = 0.0
     attention_block_size: int | None = None
     attention_num_sink_tokens: int = 0
     use_image_input: bool = False
@@ -192,6 +205,9 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, topk_group * n_routed_experts / "
                 f"n_group ({experts_in_chosen_groups})]"
             )
+        for name in ("router_bias_update_rate", "sequence_balance_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be non-negative")
 
     def _validate_gate_fields(self) -> None:
         if not 1 <= self.attention_gate_ratio <= self.hidden_size:

@@ -57,7 +57,9 @@ __all__ = [
     "attention_distillation_loss",
     "block_local_mask_function",
     "contrastive_loss",
+    "expert_load",
     "gate_sparsity_loss",
+    "sequence_balance_loss",
 ]
 
 logger = logging.get_logger(__name__)
@@ -86,6 +88,8 @@ class DeepseekV3MultimodalModelOutputWithPast(ModelOutput):
         attentions (`tuple(torch.FloatTensor)`, *optional*): with `output_attentions=True` (eager attention).
         router_logits (`tuple(torch.FloatTensor)`, *optional*): per MoE layer, `(batch * seq_len, n_routed_experts)`,
             with `output_router_logits=True`.
+        router_indices (`tuple(torch.LongTensor)`, *optional*): per MoE layer, the experts each position is routed
+            to, `(batch * seq_len, num_experts_per_tok)`, with `output_router_indices=True`.
         gate_values (`tuple(torch.FloatTensor)`, *optional*): per gated layer, `(batch, seq_len, num_heads)` in
             `[0, 1]`, with `output_gate_values=True`.
     """
@@ -95,6 +99,7 @@ class DeepseekV3MultimodalModelOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
+    router_indices: tuple[torch.LongTensor, ...] | None = None
     gate_values: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -111,6 +116,12 @@ class DeepseekV3MultimodalCausalLMOutputWithPast(ModelOutput):
             attention from `distillation_targets`, when given.
         gate_sparsity_loss (`torch.FloatTensor` of shape `()`, *optional*): `attention_gate_sparsity_weight` times
             the mean gate value, when that weight is positive and another loss term is computed.
+        balance_loss (`torch.FloatTensor` of shape `()`, *optional*): `sequence_balance_loss_weight` times the
+            sequence-wise balance loss, in training mode when that weight is positive and another loss term is
+            computed.
+        expert_load (`torch.FloatTensor` of shape `(num_moe_layers, n_routed_experts)`, *optional*): how many real
+            tokens each expert of each MoE layer received, in training mode when `router_bias_update_rate` is
+            positive (`deepseekv3.training.balancing.ExpertLoadBalancer` turns it into the bias update).
         logits (`torch.FloatTensor` of shape `(batch_size, seq_len, vocab_size)`, *optional*): language-model
             logits (absent for a contrastive-only batch).
         cache, hidden_states, attentions, router_logits, gate_values: as in
@@ -122,6 +133,8 @@ class DeepseekV3MultimodalCausalLMOutputWithPast(ModelOutput):
     contrastive_loss: torch.FloatTensor | None = None
     distillation_loss: torch.FloatTensor | None = None
     gate_sparsity_loss: torch.FloatTensor | None = None
+    balance_loss: torch.FloatTensor | None = None
+    expert_load: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -418,6 +431,7 @@ class DeepseekV3MultimodalPreTrainedModel(DeepseekV3PreTrainedModel):
         "hidden_states": DeepseekV3MultimodalDecoderLayer,
         "attentions": DeepseekV3Attention,
         "router_logits": OutputRecorder(DeepseekV3TopkRouter, index=0),
+        "router_indices": OutputRecorder(DeepseekV3TopkRouter, index=2),
         "gate_values": DeepseekV3MultimodalHeadGate,
     }
     # Sensitive to rounding: the MoE router (upstream's list), every RMSNorm weight, the head gates and the
@@ -916,7 +930,15 @@ class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
                 "images and audio clips; pair one text with each"
             )
         text_features = self.get_text_features(text_input_ids, text_attention_mask)
-        return contrastive_loss(text_features, media_features, self.logit_scale)
+        # two pairs that share a caption, or an image or clip, are no negatives of each other
+        same_text = _identical_rows(text_input_ids, text_attention_mask)
+        same_media = torch.zeros_like(same_text)
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if pixel_values is not None:
+            same_media[:num_images, :num_images] = _identical_rows(pixel_values)
+        if input_features is not None:
+            same_media[num_images:, num_images:] = _identical_rows(input_features, input_features_mask)
+        return contrastive_loss(text_features, media_features, self.logit_scale, same_text | same_media)
 
     def get_text_features(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
@@ -1037,23 +1059,103 @@ def gate_sparsity_loss(gate_values: tuple[torch.Tensor, ...], attention_mask: to
 
 
 def contrastive_loss(
-    text_features: torch.Tensor, media_features: torch.Tensor, logit_scale: torch.Tensor
+    text_features: torch.Tensor,
+    media_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    is_false_negative: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP): row `i` of `text_features` and row `i` of `media_features` are a pair.
 
     Args:
         text_features, media_features (`torch.Tensor` of shape `(batch, dim)`): projected embeddings.
-        logit_scale (`torch.Tensor` of shape `()`): log of the inverse temperature; the scale is capped at 100 as in
-            CLIP, so the temperature cannot collapse.
+        logit_scale (`torch.Tensor` of shape `()`): log of the inverse temperature, used as it is (as in CLIP, the
+            training loop keeps it in `[0, log 100]` by clamping the parameter after each step, so its gradient never
+            vanishes; `deepseekv3.training.trainer.DeepseekV3Trainer` does).
+        is_false_negative (`torch.Tensor` of shape `(batch, batch)`, *optional*): True where pair `j` is no negative
+            for pair `i` (the same caption, or the same image or clip): those logits are left out of both softmaxes.
+            The diagonal is ignored.
 
     Returns:
         `torch.Tensor` of shape `()`, in fp32.
     """
     text_features = F.normalize(text_features.float(), dim=-1)
     media_features = F.normalize(media_features.float(), dim=-1)
-    logits = logit_scale.float().exp().clamp(max=100.0) * text_features @ media_features.T  # (text, media)
+    logits = logit_scale.float().exp() * text_features @ media_features.T  # (text, media)
     targets = torch.arange(logits.shape[0], device=logits.device)
+    if is_false_negative is not None:
+        is_false_negative = is_false_negative.bool() & (targets[:, None] != targets[None, :])
+        logits = logits.masked_fill(is_false_negative, float("-inf"))
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def _identical_rows(*tensors: torch.Tensor | None) -> torch.Tensor:
+    """`(batch, batch)` True where two rows are equal in every given tensor (each `(batch, ...)`)."""
+    rows = torch.cat([tensor.flatten(1).float() for tensor in tensors if tensor is not None], dim=1)
+    row_ids = torch.unique(rows, dim=0, return_inverse=True)[1]
+    return row_ids[:, None] == row_ids[None, :]
+
+
+def _token_mask(attention_mask: torch.Tensor | None, batch_size: int, seq_len: int, device) -> torch.Tensor:
+    """`(batch, seq_len)` float mask of the real positions of a forward's inputs (all of them without a 2-D mask)."""
+    if attention_mask is None or attention_mask.ndim != 2:
+        return torch.ones(batch_size, seq_len, device=device)
+    return attention_mask[:, -seq_len:].float()
+
+
+def _expert_token_counts(router_indices: torch.Tensor, token_mask: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """`(batch, num_experts)`: how many real tokens of each row each expert received (`router_indices` is
+    `(batch * seq_len, top_k)`)."""
+    batch_size, seq_len = token_mask.shape
+    top_k = router_indices.shape[-1]
+    weights = token_mask[:, :, None].expand(batch_size, seq_len, top_k).reshape(batch_size, -1)
+    counts = torch.zeros(batch_size, num_experts, device=token_mask.device)
+    return counts.scatter_add_(1, router_indices.reshape(batch_size, -1), weights)
+
+
+def expert_load(router_indices: tuple[torch.Tensor, ...], token_mask: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert of each MoE layer, padding excluded: what DeepSeek-V3's bias rule balances.
+
+    Args:
+        router_indices (`tuple` of `torch.LongTensor` of shape `(batch * seq_len, num_experts_per_tok)`): one per
+            MoE layer.
+        token_mask (`torch.Tensor` of shape `(batch, seq_len)`): 1 for real positions.
+        num_experts (`int`): routed experts per layer.
+
+    Returns:
+        `torch.Tensor` of shape `(num_moe_layers, num_experts)`, in fp32.
+    """
+    return torch.stack([_expert_token_counts(indices, token_mask, num_experts).sum(0) for indices in router_indices])
+
+
+def sequence_balance_loss(
+    router_logits: tuple[torch.Tensor, ...], router_indices: tuple[torch.Tensor, ...], token_mask: torch.Tensor
+) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (eqs. 17-20 of the V3 report), unweighted.
+
+    Per sequence and MoE layer, `sum_i f_i * P_i` with `f_i = N_r / (K_r T) * #(real tokens routed to expert i)` and
+    `P_i` the mean over the sequence's `T` real tokens of expert `i`'s normalised affinity `s_i / sum_j s_j`
+    (`s = sigmoid(router logits)`); summed over layers (as DeepSeek's code adds each layer's term) and averaged over
+    sequences. A perfectly balanced sequence scores 1 per layer. Each row counts as one sequence.
+
+    Args:
+        router_logits (`tuple` of `torch.Tensor` of shape `(batch * seq_len, num_experts)`): one per MoE layer.
+        router_indices (`tuple` of `torch.LongTensor` of shape `(batch * seq_len, num_experts_per_tok)`): likewise.
+        token_mask (`torch.Tensor` of shape `(batch, seq_len)`): 1 for real positions.
+
+    Returns:
+        `torch.Tensor` of shape `()`, in fp32.
+    """
+    batch_size, seq_len = token_mask.shape
+    real_tokens = token_mask.sum(dim=1).clamp(min=1.0)[:, None]  # (batch, 1)
+    per_layer = []
+    for logits, indices in zip(router_logits, router_indices):
+        num_experts, top_k = logits.shape[-1], indices.shape[-1]
+        affinities = logits.float().sigmoid().view(batch_size, seq_len, num_experts)
+        affinities = affinities / affinities.sum(dim=-1, keepdim=True)
+        mean_affinity = (affinities * token_mask[..., None]).sum(dim=1) / real_tokens  # (batch, num_experts)
+        fractions = _expert_token_counts(indices, token_mask, num_experts) * num_experts / (top_k * real_tokens)
+        per_layer.append((fractions * mean_affinity).sum(dim=-1))  # (batch,)
+    return torch.stack(per_layer).sum(dim=0).mean()
 
 
 def attention_distillation_loss(
@@ -1210,11 +1312,13 @@ class DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalPreTraine
         if distillation_targets is not None:
             self._check_distillation_inputs(input_ids, distillation_query_mask)
             kwargs["output_attentions"] = True
-        penalize_gates = self.config.attention_gate_sparsity_weight > 0 and (
-            labels is not None or distillation_targets is not None
-        )
+        has_loss = labels is not None or distillation_targets is not None
+        penalize_gates = self.config.attention_gate_sparsity_weight > 0 and has_loss
         if penalize_gates:
             kwargs["output_gate_values"] = True
+        count_load, balance_sequences = self._router_statistics_wanted(has_loss)
+        if count_load or balance_sequences:
+            kwargs["output_router_logits"] = kwargs["output_router_indices"] = True
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1240,9 +1344,22 @@ class DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalPreTraine
             losses["gate_sparsity_loss"] = self.config.attention_gate_sparsity_weight * gate_sparsity_loss(
                 outputs.gate_values, attention_mask
             )
+        token_mask = _token_mask(attention_mask, *outputs.last_hidden_state.shape[:2], logits.device)
+        if balance_sequences:
+            losses["balance_loss"] = self.config.sequence_balance_loss_weight * sequence_balance_loss(
+                outputs.router_logits, outputs.router_indices, token_mask
+            )
+        load = expert_load(outputs.router_indices, token_mask, self.config.n_routed_experts) if count_load else None
+        if kwargs.get("num_items_in_batch") is not None and len(losses) > 1:
+            logger.warning_once(
+                "num_items_in_batch normalises lm_loss over the accumulated batch but not the other loss terms, which "
+                "plain `Trainer` then over-weights by the accumulation steps times the processes: train with "
+                "deepseekv3.training.trainer.DeepseekV3Trainer, which weights every term exactly"
+            )
         return DeepseekV3MultimodalCausalLMOutputWithPast(
             loss=sum(losses.values()) if losses else None,
             **losses,
+            expert_load=load,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
@@ -1250,6 +1367,14 @@ class DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalPreTraine
             router_logits=outputs.router_logits,
             gate_values=outputs.gate_values,
         )
+
+    def _router_statistics_wanted(self, has_loss: bool) -> tuple[bool, bool]:
+        """(count the experts' loads, compute the sequence-wise balance loss): both only while training a model
+        with MoE layers, so inference never sees them."""
+        has_moe = self.config.num_hidden_layers > self.config.first_k_dense_replace
+        if not (self.training and has_moe):
+            return False, False
+        return self.config.router_bias_update_rate > 0, self.config.sequence_balance_loss_weight > 0 and has_loss
 
     def _check_distillation_inputs(
         self, input_ids: torch.LongTensor | None, distillation_query_mask: torch.Tensor | None

@@ -581,6 +581,50 @@ def test_contrastive_batch_returns_only_that_term_and_trains_the_scale(tiny_conf
         )
 
 
+def test_contrastive_loss_leaves_false_negatives_out():
+    text, media = torch.randn(4, 8), torch.randn(4, 8)
+    scale = torch.tensor(2.0)
+    is_false_negative = torch.zeros(4, 4, dtype=torch.bool)
+    is_false_negative[0, 1] = is_false_negative[1, 0] = True  # pairs 0 and 1 share a caption
+    # the same as the loss with those logits removed by hand
+    logits = scale.exp() * torch.nn.functional.normalize(text, dim=-1) @ torch.nn.functional.normalize(media, dim=-1).T
+    logits = logits.masked_fill(is_false_negative, float("-inf"))
+    targets = torch.arange(4)
+    expected = (
+        torch.nn.functional.cross_entropy(logits, targets) + torch.nn.functional.cross_entropy(logits.T, targets)
+    ) / 2
+    torch.testing.assert_close(contrastive_loss(text, media, scale, is_false_negative), expected)
+    assert not torch.allclose(contrastive_loss(text, media, scale), expected)
+
+
+def test_contrastive_batch_masks_identical_captions_and_media(tiny_config):
+    """Two pairs with the same caption, or the same image, are not negatives of each other; the loss with those
+    duplicates equals the loss where they are masked by hand."""
+    model = build_model(tiny_config).train()
+    batch = multimodal_batch()
+    pixel_values = batch["pixel_values"][[0, 0]]  # the same image twice
+    captions = torch.randint(5, 96, (4, 6))
+    captions[3] = captions[2]  # the two clips share a caption
+    features = {"pixel_values": pixel_values, "input_features": batch["input_features"]}
+    loss = model(**features, contrastive_input_ids=captions).contrastive_loss
+    text = model.model.get_text_features(captions)
+    media = torch.cat(
+        [model.model.get_image_features(pixel_values), model.model.get_audio_features(batch["input_features"])]
+    )
+    is_false_negative = torch.zeros(4, 4, dtype=torch.bool)
+    is_false_negative[0, 1] = is_false_negative[1, 0] = is_false_negative[2, 3] = is_false_negative[3, 2] = True
+    torch.testing.assert_close(loss, contrastive_loss(text, media, model.model.logit_scale, is_false_negative))
+    assert not torch.allclose(loss, contrastive_loss(text, media, model.model.logit_scale))
+
+
+def test_contrastive_scale_keeps_its_gradient_above_100():
+    """`logit_scale` is used as it is (the trainer clamps the parameter), so above log(100) it still learns."""
+    text, media = torch.randn(4, 8), torch.randn(4, 8)
+    scale = torch.tensor(5.0, requires_grad=True)  # exp(5) = 148
+    contrastive_loss(text, media, scale).backward()
+    assert scale.grad.abs().item() > 0
+
+
 def distillation_batch():
     batch = multimodal_batch()
     query_mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)

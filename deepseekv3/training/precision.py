@@ -340,10 +340,10 @@ class PrecisionTrainingArguments(TrainingArguments):
     Mixed precision itself is `bf16=True` / `fp16=True` as usual.
 
     Args:
-        log_space_loss (`bool`, *optional*, defaults to `False`): train on `log(1 + loss)` (see `log_space_loss`);
-            logged `loss` is then the transformed value, evaluation losses are not transformed. Needs
-            `gradient_accumulation_steps=1` (the transform of a micro-batch's share of the loss is not the transform of
-            the batch loss).
+        log_space_loss (`bool`, *optional*, defaults to `False`): train on `log(1 + L)` (see `log_space_loss`), `L`
+            the loss of the whole optimizer step (every accumulation micro-batch on every process), so accumulation
+            and data parallelism give the update of one step on the whole batch. Logged and evaluation losses stay
+            untransformed (they compare across runs).
         adaptive_loss_scaling (`bool`, *optional*, defaults to `True`): with `fp16=True`, replace Accelerate's
             `GradScaler` by `AdaptiveGradScaler` and log its `stats()`.
         loss_scale_target_headroom_bits (`float`, *optional*, defaults to 4.0): `AdaptiveGradScaler`'s margin.
@@ -384,7 +384,10 @@ class PrecisionTrainerMixin:
       written and after the reporting callbacks, which would not see values added there;
     - fp16 on CPU is refused: Accelerate 1.15 neither autocasts nor scales on CPU (no `native_amp`, no scaler), so
       `TrainingArguments(fp16=True, use_cpu=True)` would otherwise train in plain fp32 without a word;
-    - `log_space_loss=True`: the training loss becomes `log_space_loss(loss)`.
+    - `log_space_loss=True`: each optimizer step descends `log(1 + L)`, `L` the step's loss over all its
+      micro-batches and processes. Its gradient is `grad L / (1 + L)`, and `L` is only known once every micro-batch
+      has run, so the accumulated, synchronised gradients are divided by `1 + L` after the step's last backward
+      (before clipping and the optimizer), which is exactly the gradient one step on the whole batch would get.
 
     Options are read from `PrecisionTrainingArguments`; with plain `TrainingArguments` their defaults apply.
     """
@@ -400,11 +403,9 @@ class PrecisionTrainerMixin:
                 "fp16=True on CPU: Accelerate does not autocast to fp16 nor scale the loss on CPU, so training would "
                 "silently run in fp32. Use bf16=True on CPU, or fp16 on a GPU."
             )
-        if self._precision_option("log_space_loss") and self.args.gradient_accumulation_steps != 1:
-            raise ValueError(
-                f"log_space_loss needs gradient_accumulation_steps=1 (got {self.args.gradient_accumulation_steps}): "
-                "log(1 + loss) of each micro-batch's share of the loss is not log(1 + loss) of the batch"
-            )
+        if self._precision_option("log_space_loss") and self.is_deepspeed_enabled:
+            raise ValueError("log_space_loss rescales the accumulated gradients, which DeepSpeed keeps to itself")
+        self._log_space_step_loss = None
         scaler = self.accelerator.scaler
         if scaler is None or not self._precision_option("adaptive_loss_scaling"):
             return
@@ -424,24 +425,24 @@ class PrecisionTrainerMixin:
         """See `get_decay_parameter_names` (this module)."""
         return get_decay_parameter_names(model)
 
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """`Trainer.compute_loss`; in training mode with `log_space_loss=True`, its loss goes through
-        `log_space_loss` (evaluation losses stay untransformed, so they compare across runs)."""
-        result = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
-        if not (self._precision_option("log_space_loss") and model.training):
-            return result
-        if return_outputs:
-            loss, outputs = result
-            return log_space_loss(loss), outputs
-        return log_space_loss(result)
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """`Trainer.training_step`; with `log_space_loss=True`, after the step's last micro-batch the gradients are
+        divided by `1 + L` (class docstring)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self._precision_option("log_space_loss"):
+            return loss
+        # each micro-batch's returned loss is its share of the step's loss on this process, as Trainer logs it
+        step_loss = loss if self._log_space_step_loss is None else self._log_space_step_loss + loss
+        self._log_space_step_loss = step_loss
+        if self.accelerator.sync_gradients:
+            shrink = 1.0 / (1.0 + self.accelerator.reduce(step_loss.float(), reduction="mean"))
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.mul_(shrink.to(parameter.grad.dtype))
+            self._log_space_step_loss = None
+        return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """`Trainer.log`, with the adaptive scaler's `stats()` added to training logs."""

@@ -10,8 +10,10 @@
 
 Without `--model_name_or_path` it trains a small random model (hidden 64, 2 layers, 8 routed experts, head gates).
 Each step takes `--global_batch_size` sequences, split evenly over the processes, so the result does not depend on
-how many processes share the batch. It writes the weights (`model.safetensors`) and `metrics.json` (the loss of
-every step, averaged over the global batch, and, with `--fourbit_compression`, the bytes the hook sent).
+how many processes share the batch. After every optimizer step DeepSeek-V3's bias rule balances the experts
+(`ExpertLoadBalancer`: loads all-reduced over the processes, so every rank keeps the same bias). It writes the weights
+(`model.safetensors`) and `metrics.json` (the loss of every step, averaged over the global batch, the experts' load
+statistics over the run, and, with `--fourbit_compression`, the bytes the hook sent).
 """
 
 import argparse
@@ -25,6 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from deepseekv3 import DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration
 from deepseekv3.distributed import register_fourbit_hook
+from deepseekv3.training.balancing import ExpertLoadBalancer
 
 SMALL_CONFIG = {
     "vocab_size": 256,
@@ -96,16 +99,21 @@ def main() -> None:
     optimizer = optimizer_class(model.parameters(), lr=args.learning_rate)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     compression = register_fourbit_hook(model) if args.fourbit_compression else None
+    balancer = ExpertLoadBalancer(model)
 
     model.train()
     losses = []
     for (input_ids,) in loader:
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+        outputs = model(input_ids=input_ids, labels=input_ids)
+        balancer.observe(outputs.expert_load)
+        loss = outputs.loss
         accelerator.backward(loss)
         optimizer.step()
+        balancer.step()
         optimizer.zero_grad()
         losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
 
+    load_statistics = balancer.statistics()
     accelerator.wait_for_everyone()
     accelerator.save_model(model, args.output_dir)
     if accelerator.is_main_process:
@@ -114,6 +122,7 @@ def main() -> None:
             "num_processes": accelerator.num_processes,
             "distributed_type": accelerator.distributed_type.value,
             "wrapped_model": type(model).__name__,
+            "expert_load": load_statistics,
         }
         if compression is not None:
             metrics["bytes_sent"] = compression.bytes_sent

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from workers import synthetic_tokens
 
 from deepseekv3 import DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration
+from deepseekv3.training.balancing import ExpertLoadBalancer
 
 pytestmark = pytest.mark.distributed
 
@@ -32,13 +33,16 @@ def model_dir(tmp_path):
 def _single_process_run(model_dir) -> tuple[list[float], dict[str, torch.Tensor]]:
     model = DeepseekV3MultimodalForConditionalGeneration.from_pretrained(model_dir).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    balancer = ExpertLoadBalancer(model)
     losses = []
     for input_ids in synthetic_tokens(model.config.vocab_size, STEPS, GLOBAL_BATCH, SEQ_LEN):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
+        outputs = model(input_ids=input_ids, labels=input_ids)
+        balancer.observe(outputs.expert_load)
+        outputs.loss.backward()
         optimizer.step()
+        balancer.step()
         optimizer.zero_grad()
-        losses.append(loss.item())
+        losses.append(outputs.loss.item())
     return losses, {name: value.detach() for name, value in model.state_dict().items()}
 
 
@@ -71,6 +75,12 @@ def test_ddp_with_accelerate_launch_matches_one_process(tmp_path, model_dir):
 def test_fsdp2_matches_one_process(tmp_path, model_dir):
     run_torchrun(2, "fsdp", str(model_dir), str(tmp_path))
     metrics = _assert_same_run(tmp_path, model_dir)
+    # the balancer moved the MoE bias, identically on both ranks (FSDP2 leaves buffers unsynchronised)
+    biases = [read_weights(tmp_path / f"bias{rank}.safetensors") for rank in (0, 1)]
+    assert biases[0].keys() == {"model.layers.1.mlp.gate.e_score_correction_bias"}
+    for name, bias in biases[0].items():
+        assert bias.abs().sum() > 0
+        torch.testing.assert_close(biases[1][name], bias, rtol=0, atol=0)
     # FSDP2 swaps each sharded module's class for an `FSDP<class>` subclass
     assert metrics["decoder_layer_class"] == "FSDPDeepseekV3MultimodalDecoderLayer"
 

@@ -33,10 +33,12 @@ def _train_sharded(model_dir: str, out_dir: str, distributed_config_kwargs: dict
     from transformers.distributed import DistributedConfig
 
     from deepseekv3 import DeepseekV3MultimodalForConditionalGeneration
+    from deepseekv3.training.balancing import ExpertLoadBalancer
 
     model = DeepseekV3MultimodalForConditionalGeneration.from_pretrained(
         model_dir, distributed_config=DistributedConfig(**distributed_config_kwargs)
-    )
+    ).train()  # training mode: the forward counts the experts' loads
+    balancer = ExpertLoadBalancer(model)
     tokens = synthetic_tokens(model.config.vocab_size, steps=3, global_batch=4, seq_len=16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     rank = dist.get_rank()
@@ -45,14 +47,19 @@ def _train_sharded(model_dir: str, out_dir: str, distributed_config_kwargs: dict
     losses = []
     for batch in tokens:
         input_ids = batch[dp_rank * local_batch : (dp_rank + 1) * local_batch]
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+        outputs = model(input_ids=input_ids, labels=input_ids)
+        balancer.observe(outputs.expert_load)
+        loss = outputs.loss
         loss.backward()
         optimizer.step()
+        balancer.step()
         optimizer.zero_grad()
         summed = loss.detach().clone()
         dist.all_reduce(summed)
         losses.append(summed.item() / dist.get_world_size())
     weights = {name: _full(value).detach().contiguous() for name, value in model.state_dict().items()}
+    biases = {name: value for name, value in weights.items() if name.endswith("e_score_correction_bias")}
+    save_file(biases, str(Path(out_dir, f"bias{rank}.safetensors")))
     if rank == 0:
         save_file(weights, str(Path(out_dir, "model.safetensors")))
         Path(out_dir, "metrics.json").write_text(
@@ -116,8 +123,10 @@ def deepspeed_zero2(model_dir: str, out_dir: str) -> None:
     import deepspeed
 
     from deepseekv3 import DeepseekV3MultimodalForConditionalGeneration
+    from deepseekv3.training.balancing import ExpertLoadBalancer
 
-    model = DeepseekV3MultimodalForConditionalGeneration.from_pretrained(model_dir)
+    model = DeepseekV3MultimodalForConditionalGeneration.from_pretrained(model_dir).train()
+    balancer = ExpertLoadBalancer(model)
     world, rank = dist.get_world_size(), dist.get_rank()
     tokens = synthetic_tokens(model.config.vocab_size, steps=3, global_batch=4, seq_len=16)
     local_batch = tokens.shape[1] // world
@@ -133,9 +142,12 @@ def deepspeed_zero2(model_dir: str, out_dir: str) -> None:
     losses = []
     for batch in tokens:
         input_ids = batch[rank * local_batch : (rank + 1) * local_batch]
-        loss = engine(input_ids=input_ids, labels=input_ids).loss
+        outputs = engine(input_ids=input_ids, labels=input_ids)
+        balancer.observe(outputs.expert_load)
+        loss = outputs.loss
         engine.backward(loss)
         engine.step()
+        balancer.step()
         summed = loss.detach().clone()
         dist.all_reduce(summed)
         losses.append(summed.item() / world)
@@ -245,6 +257,23 @@ def trainer_callback(model_dir: str, out_dir: str) -> None:
         Path(out_dir, "trainer.json").write_text(json.dumps(logs))
 
 
+def loss_weighting(out_dir: str) -> None:
+    """`DeepseekV3Trainer` under DDP on the loss-weighting cases of `tests/training/weighting_case.py`: each rank's
+    final weights and rank 0's logs, per (case, per-process batch, accumulation)."""
+    tests = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(tests), str(tests / "training")]
+    from weighting_case import run
+
+    rank = dist.get_rank()
+    logs = {}
+    for case, batch_size, accumulation in (("all", 2, 1), ("all", 1, 2), ("all+contrastive", 2, 1)):
+        name = f"{case}-{batch_size}-{accumulation}"
+        weights, logs[name] = run(case, str(Path(out_dir, name)), batch_size, accumulation)
+        save_file(weights, str(Path(out_dir, f"{name}-rank{rank}.safetensors")))
+    if rank == 0:
+        Path(out_dir, "loss_weighting.json").write_text(json.dumps(logs))
+
+
 WORKERS = {
     "fsdp": fsdp,
     "fsdp_tensor_parallel": fsdp_tensor_parallel,
@@ -253,6 +282,7 @@ WORKERS = {
     "compressed_steps": compressed_steps,
     "toy_training": toy_training,
     "trainer_callback": trainer_callback,
+    "loss_weighting": loss_weighting,
 }
 
 if __name__ == "__main__":
