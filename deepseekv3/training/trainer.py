@@ -11,7 +11,8 @@ batch b on w processes then give the update of one step of batch k*b*w on one pr
 contrastive term is InfoNCE within each micro-batch, whose pairs are its negatives; see the README), and the logged
 `loss` and terms are the step's true means, averaged over the logging interval.
 
-After every optimizer step it applies DeepSeek-V3's bias rule (`ExpertLoadBalancer`) and keeps the contrastive
+After every optimizer step it applies DeepSeek-V3's bias rule (`ExpertLoadBalancer`; not to a PEFT model, whose
+adapter could not carry the moved bias) and keeps the contrastive
 `logit_scale` in `[0, log 100]` (as CLIP does, on the parameter, so its gradient never vanishes), and it logs the
 experts' load statistics (`expert_load_max_over_mean/<layer>`, `expert_load_cv/<layer>`) with each training log.
 The precision policy (`PrecisionTrainerMixin`) reads its options from `PrecisionTrainingArguments`.
@@ -107,10 +108,15 @@ class DeepseekV3Trainer(PrecisionTrainerMixin, Trainer):
         self._term_seen = torch.zeros(len(LOSS_TERMS), dtype=torch.bool)
         self._terms_logged_at_step = 0
         unwrapped = self.accelerator.unwrap_model(self.model)
-        base_config = getattr(unwrapped, "config", None)
-        update_rate = getattr(base_config, "router_bias_update_rate", 0.0)
+        update_rate = getattr(getattr(unwrapped, "config", None), "router_bias_update_rate", 0.0)
         has_router = any(isinstance(module, DeepseekV3TopkRouter) for module in unwrapped.modules())
-        self.balancer = ExpertLoadBalancer(unwrapped, update_rate) if has_router and update_rate > 0 else None
+        # An adapter (PEFT) is shared without the base model's buffers: a bias moved while training it would be lost
+        # on `PeftModel.from_pretrained`, and the adapter would then route differently from the model it was
+        # trained in. Adapter training keeps the base model's routing.
+        is_adapter = hasattr(unwrapped, "peft_config")
+        self.balancer = (
+            ExpertLoadBalancer(unwrapped, update_rate) if has_router and update_rate > 0 and not is_adapter else None
+        )
         self.logit_scales = [param for name, param in unwrapped.named_parameters() if name.endswith("logit_scale")]
         self.add_callback(_AfterOptimizerStep(self))
 

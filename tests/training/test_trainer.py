@@ -143,3 +143,63 @@ def test_logit_scale_is_clamped_as_a_parameter_after_each_step(tmp_path):
     )
     DeepseekV3Trainer(model=model, args=args, train_dataset=build_rows("contrastive"), data_collator=collate).train()
     assert model.model.logit_scale.item() == pytest.approx(math.log(100))
+
+
+def _short_arguments(tmp_path, **overrides):
+    from transformers import TrainingArguments
+
+    defaults = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 2,
+        "max_steps": 2,
+        "optim": "sgd",
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "remove_unused_columns": False,
+        "disable_tqdm": True,
+    }
+    return TrainingArguments(**{**defaults, **overrides})
+
+
+# peft 0.21.2 reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecates; the warning is theirs.
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_trainer_balances_the_full_model_but_not_an_adapter(tmp_path):
+    from peft import get_peft_model
+
+    from deepseekv3.training.lora import default_lora_config
+    from deepseekv3.training.trainer import DeepseekV3Trainer
+
+    model = build_model("lm")
+    bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+    trainer = DeepseekV3Trainer(
+        model=model, args=_short_arguments(tmp_path), train_dataset=build_rows("lm"), data_collator=collate
+    )
+    trainer.train()
+    assert trainer.balancer is not None and bias.abs().sum() > 0
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(entry["expert_load_max_over_mean/layer_1"] >= 1.0 for entry in logs)
+
+    adapted = get_peft_model(build_model("lm"), default_lora_config())
+    trainer = DeepseekV3Trainer(
+        model=adapted, args=_short_arguments(tmp_path / "lora"), train_dataset=build_rows("lm"), data_collator=collate
+    )
+    trainer.train()
+    assert trainer.balancer is None
+    assert adapted.base_model.model.model.layers[1].mlp.gate.e_score_correction_bias.abs().sum() == 0
+
+
+def test_plain_trainer_loss_kwargs_warn_that_only_lm_loss_is_normalised():
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    from deepseekv3 import modeling_deepseekv3
+
+    model = build_model("lm+gate").train()
+    batch = collate(build_rows("lm+gate")[:2])
+    logging.get_logger("transformers").warning_once.cache_clear()
+    with CaptureLogger(modeling_deepseekv3.logger) as captured:
+        model(**batch, num_items_in_batch=torch.tensor(10))
+    assert "train with deepseekv3.training.trainer.DeepseekV3Trainer" in captured.out
