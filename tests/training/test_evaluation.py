@@ -212,3 +212,37 @@ def test_chance_accuracy_averages_one_over_the_number_of_answers_per_question_ty
     assert list(chance) == ["audio", "color", "count", "spatial"]
     for question_type, value in {"audio": 1 / 3, "color": 1 / 4, "count": 1 / 3, "spatial": 1 / 4}.items():
         assert math.isclose(chance[question_type], value)
+
+
+def test_rows_and_examples_of_different_lengths_are_refused(setup):
+    rows, examples = setup["rows"][:3], setup["examples"][:2]
+    model = build_model(setup["config"])
+    for scorer in (predict_answers, evaluate_accuracy):
+        with pytest.raises(ValueError, match=r"rows \(3\) and examples \(2\)"):
+            scorer(model, setup["processor"], rows, examples, progress=False)
+        with pytest.raises(ValueError, match=r"rows \(2\) and examples \(3\)"):
+            scorer(model, setup["processor"], setup["rows"][:2], setup["examples"][:3], progress=False)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_a_batch_size_below_one_is_refused(setup, batch_size):
+    model = build_model(setup["config"])
+    with pytest.raises(ValueError, match=rf"batch_size \({batch_size}\) must be at least 1"):
+        predict_answers(model, setup["processor"], setup["rows"][:2], setup["examples"][:2], batch_size=batch_size)
+
+
+def test_an_unknown_question_template_is_refused(setup):
+    rows = [{**setup["rows"][0], "question_template": "colour"}]
+    model = build_model(setup["config"])
+    with pytest.raises(ValueError, match=r"question_template \('colour'\) of row 0 is not one of"):
+        predict_answers(model, setup["processor"], rows, setup["examples"][:1], progress=False)
+    with pytest.raises(ValueError, match=r"question_template \('colour'\) of row 0 is not one of"):
+        chance_accuracy(rows)
+
+
+def test_an_answer_outside_the_templates_answers_is_refused(setup):
+    """Such a row could never be scored right: its accuracy would be silently wrong."""
+    rows = [setup["rows"][0], {**setup["rows"][1], "answer": "purple"}]
+    model = build_model(setup["config"])
+    with pytest.raises(ValueError, match=r"answer \('purple'\) of row 1 is not among the answers"):
+        evaluate_accuracy(model, setup["processor"], rows, setup["examples"][:2], progress=False)
