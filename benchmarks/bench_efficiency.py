@@ -67,7 +67,7 @@ from deepseekv3.training.recipes import build_stage_trainer, select_stage_exampl
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "benchmarks" / "results" / "bench_efficiency.json"
-OFFICIAL_CONFIG = ROOT.parent / "shared" / "fixtures" / "deepseek-v3-config.json"
+OFFICIAL_CONFIG = ROOT / "tests" / "fixtures" / "deepseek-v3-config.json"
 PARTS = ("head_skipping", "int8", "memory")
 SKIP_FRACTIONS = {"skip_25": 3, "skip_37": 5, "skip_50": 6}  # heads skipped of 12
 MEMORY_VARIANTS = {  # variant: (attention implementation, blockwise, longest context it runs)

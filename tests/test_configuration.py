@@ -1,22 +1,14 @@
 """DeepseekV3MultimodalConfig: upstream text fields unchanged, new fields validated, official config loads."""
 
-import json
-from pathlib import Path
-
 import pytest
 from conftest import TINY_MEDIA_KWARGS, TINY_TEXT_KWARGS
+from fixture_files import load_official_config_dict
 from transformers import AutoConfig, DeepseekV3Config
 
 import deepseekv3  # noqa: F401  (registers the Auto classes)
 from deepseekv3.configuration_deepseekv3 import DeepseekV3MultimodalConfig
 
 TEXT_FIELDS = list(DeepseekV3Config.__annotations__)  # the fields DeepseekV3Config itself declares
-OFFICIAL_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepseek-v3-config.json"
-
-
-def load_official_config_dict() -> dict:
-    with open(OFFICIAL_CONFIG, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def test_text_fields_keep_upstream_names_and_defaults():

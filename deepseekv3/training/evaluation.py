@@ -38,6 +38,14 @@ def _candidates(example: Mapping[str, Any], reply_ids: list[torch.Tensor]) -> li
     return candidates
 
 
+def _answers(rows: Sequence[Mapping[str, Any]], index: int) -> tuple[str, ...]:
+    """The closed answer set of `rows[index]`, from its `question_template`."""
+    name = rows[index]["question_template"]
+    if name not in QUESTION_TEMPLATES:
+        raise ValueError(f"question_template ({name!r}) of row {index} is not one of {sorted(QUESTION_TEMPLATES)}")
+    return QUESTION_TEMPLATES[name].answers
+
+
 @torch.no_grad()
 def predict_answers(
     model: torch.nn.Module,
@@ -47,7 +55,8 @@ def predict_answers(
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[str]:
-    """The most likely allowed answer of each row.
+    """The most likely allowed answer of each row: the one whose reply (its tokens, then `<|end|>`) has the highest
+    log-likelihood after the prompt, the sum over the reply's tokens; a tie goes to the answer listed first.
 
     Args:
         model: a `DeepseekV3MultimodalForConditionalGeneration` (or a PEFT model around one).
@@ -59,7 +68,19 @@ def predict_answers(
 
     Returns:
         `list[str]`: one answer per row.
+
+    Raises:
+        `ValueError`: `rows` and `examples` differ in length, `batch_size` is below 1, or a row's
+            `question_template` is unknown.
     """
+    if len(rows) != len(examples):
+        raise ValueError(
+            f"rows ({len(rows)}) and examples ({len(examples)}) must be as many: examples are the rows through "
+            "encode_rows"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size ({batch_size}) must be at least 1")
+    answer_sets = [_answers(rows, index) for index in range(len(rows))]
     config = getattr(model, "config", None)
     collator = InstructionCollator(config)
     end_of_turn = processor.tokenizer.convert_tokens_to_ids("<|end|>")
@@ -76,7 +97,7 @@ def predict_answers(
     predictions = []
     for start in tqdm(range(0, len(rows), batch_size), desc="scoring answers", disable=not progress, leave=False):
         indices = range(start, min(start + batch_size, len(rows)))
-        answers = [QUESTION_TEMPLATES[rows[index]["question_template"]].answers for index in indices]
+        answers = [answer_sets[index] for index in indices]
         candidates = [
             candidate
             for index, choices in zip(indices, answers)
@@ -111,7 +132,18 @@ def evaluate_accuracy(
 
     Returns:
         `dict[str, float]`: accuracy in `[0, 1]` of each question type present in `rows`.
+
+    Raises:
+        `ValueError`: as [`predict_answers`], or a row's `answer` is not among its template's answers (no
+            prediction could match it).
     """
+    for index in range(len(rows)):
+        answer = rows[index]["answer"]
+        if answer not in _answers(rows, index):
+            raise ValueError(
+                f"answer ({answer!r}) of row {index} is not among the answers of its question_template "
+                f"{rows[index]['question_template']!r}: {_answers(rows, index)}"
+            )
     predictions = predict_answers(model, processor, rows, examples, batch_size=batch_size, progress=progress)
     correct, total = defaultdict(int), defaultdict(int)
     for index, prediction in enumerate(predictions):
@@ -126,6 +158,6 @@ def chance_accuracy(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     sums, counts = defaultdict(float), defaultdict(int)
     for index in range(len(rows)):
         row = rows[index]
-        sums[row["question_type"]] += 1.0 / len(QUESTION_TEMPLATES[row["question_template"]].answers)
+        sums[row["question_type"]] += 1.0 / len(_answers(rows, index))
         counts[row["question_type"]] += 1
     return {question_type: sums[question_type] / counts[question_type] for question_type in sorted(counts)}
