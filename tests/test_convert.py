@@ -19,11 +19,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+import deepseekv3
 from deepseekv3 import DeepseekV3MultimodalForConditionalGeneration
 from deepseekv3.convert import convert_checkpoint
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "deepseekv3"
 SCRIPT_TIMEOUT_S = 120
+PACKAGE_DIR = Path(deepseekv3.__file__).parent
 INPUT_IDS = torch.tensor([[1, 5, 9, 17, 33, 2, 60, 61], [1, 7, 8, 40, 41, 42, 43, 95]])
 CODE_FILES = {"configuration_deepseekv3.py", "modeling_deepseekv3.py"}
 
@@ -31,6 +33,12 @@ CODE_FILES = {"configuration_deepseekv3.py", "modeling_deepseekv3.py"}
 def _logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(input_ids=INPUT_IDS).logits
+
+
+def _package_env() -> dict[str, str]:
+    """The environment for a subprocess that imports the `deepseekv3` under test, not another installed copy."""
+    python_path = os.pathsep.join(filter(None, [str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": python_path}
 
 
 @pytest.fixture
@@ -91,6 +99,7 @@ def test_console_script_converts(source, tmp_path):
     result = subprocess.run(
         [str(CONSOLE_SCRIPT), "convert", str(source_dir), str(dst_dir)],
         cwd=tmp_path,
+        env=_package_env(),
         capture_output=True,
         text=True,
         timeout=SCRIPT_TIMEOUT_S,
@@ -106,6 +115,7 @@ def test_console_script_reports_bad_input_without_traceback(tmp_path):
     result = subprocess.run(
         [str(CONSOLE_SCRIPT), "convert", str(missing), str(tmp_path / "out")],
         cwd=tmp_path,
+        env=_package_env(),
         capture_output=True,
         text=True,
         timeout=SCRIPT_TIMEOUT_S,
