@@ -1,6 +1,6 @@
 """The `deepseekv3` command: argument parsing and dispatch to the package's modules.
 
-deepseekv3 convert SRC DST [--max-shard-size 5GB]
+deepseekv3 convert SRC DST
 deepseekv3 demo [--output ./outputs/demo] [--quick]
 deepseekv3 train --stage {contrastive,distill,instruct,lora} --output_dir DIR [any TrainingArguments option]
 deepseekv3 serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--lite-model DIR] [--max-batch-size 16] ...
@@ -17,7 +17,7 @@ def _convert(args: argparse.Namespace) -> None:
     from .convert import convert_checkpoint
 
     try:
-        dst_dir = convert_checkpoint(args.src, args.dst, max_shard_size=args.max_shard_size)
+        dst_dir = convert_checkpoint(args.src, args.dst)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise SystemExit(f"deepseekv3 convert: error: {error}") from error
     print(f"converted {args.src} -> {dst_dir}")
@@ -90,9 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("src", help="directory written by DeepseekV3ForCausalLM.save_pretrained")
     convert.add_argument("dst", help="directory to write (must not exist, or be empty)")
-    convert.add_argument(
-        "--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 500MB (default: %(default)s)"
-    )
     convert.set_defaults(handler=_convert)
 
     demo = commands.add_parser(
