@@ -203,6 +203,14 @@ def causal_running_mean(
     return running_sum / running_count.clamp(min=1.0)
 
 
+class DeepseekV3MultimodalGateOutput(nn.Linear):
+    """The head gate's last layer (`up_proj`), a plain `nn.Linear` with its own initialisation in `_init_weights`.
+
+    transformers initialises module by module and skips a module without parameters of its own, as the gate is:
+    the initialisation has to be keyed on this layer, not on the gate around it.
+    """
+
+
 class DeepseekV3MultimodalHeadGate(nn.Module):
     """Dynamic per-head attention gate: `sigmoid(W2 silu(W1 mean_{s<=t} c_s))`, one value per head.
 
@@ -215,7 +223,7 @@ class DeepseekV3MultimodalHeadGate(nn.Module):
         super().__init__()
         self.down_proj = nn.Linear(config.kv_lora_rank, config.attention_gate_hidden_size)
         self.act_fn = ACT2FN["silu"]
-        self.up_proj = nn.Linear(config.attention_gate_hidden_size, config.num_attention_heads)
+        self.up_proj = DeepseekV3MultimodalGateOutput(config.attention_gate_hidden_size, config.num_attention_heads)
 
     def forward(
         self,
@@ -513,9 +521,9 @@ class DeepseekV3MultimodalPreTrainedModel(DeepseekV3PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, DeepseekV3MultimodalHeadGate):
-            init.zeros_(module.up_proj.weight)
-            init.constant_(module.up_proj.bias, _GATE_BIAS_INIT)
+        if isinstance(module, DeepseekV3MultimodalGateOutput):
+            init.zeros_(module.weight)
+            init.constant_(module.bias, _GATE_BIAS_INIT)
         elif isinstance(module, DeepseekV3MultimodalModel):
             if module.modality_type_embedding is not None:
                 # zero rows: a text-only model with type embeddings switched on starts with unchanged logits

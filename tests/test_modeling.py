@@ -350,6 +350,15 @@ def test_feature_switches_add_exactly_their_parameters(tiny_text_config, tiny_co
     assert all("self_attn.head_gate." in key for key in new_keys if key.startswith("model.layers."))
 
 
+def test_a_new_gate_starts_open_at_every_position(tiny_config):
+    """Built from its config, every head's gate is sigmoid(4) = 0.982 whatever the input (zero last-layer weights),
+    so switching gates on in a pretrained model barely moves its outputs at the start of training."""
+    model = build_model(tiny_config)
+    out = model(**multimodal_batch(), output_gate_values=True)
+    for gate_values in out.gate_values:
+        torch.testing.assert_close(gate_values, torch.full_like(gate_values, torch.sigmoid(torch.tensor(4.0)).item()))
+
+
 def test_attention_gate_values_are_per_head_and_scale_attention(tiny_config):
     model = build_model(tiny_config)
     make_gates_vary(model)
