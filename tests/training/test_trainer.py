@@ -125,22 +125,9 @@ def test_logit_scale_is_clamped_as_a_parameter_after_each_step(tmp_path):
     outputs.contrastive_loss.backward()
     assert model.model.logit_scale.grad.abs().item() > 0  # not clamped in the loss: its gradient is alive
 
-    from transformers import TrainingArguments
-
     from deepseekv3.training.trainer import DeepseekV3Trainer
 
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=1,
-        optim="sgd",
-        learning_rate=1e-3,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        remove_unused_columns=False,
-        disable_tqdm=True,
-    )
+    args = _short_arguments(tmp_path, max_steps=1)
     DeepseekV3Trainer(model=model, args=args, train_dataset=build_rows("contrastive"), data_collator=collate).train()
     assert model.model.logit_scale.item() == pytest.approx(math.log(100))
 
