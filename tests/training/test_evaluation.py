@@ -1,11 +1,15 @@
-"""Closed-set scoring: the most likely allowed answer wins, accuracy is exact match per question type.
+"""Closed-set scoring: the most likely allowed answer wins, accuracy is exact match per question type; and free
+generation: the reply to the question asked as a user asks it, exact match of the stripped reply.
 
-The cases are rigged so the right prediction is known without trusting the code under test: the tiny model's logits
-are replaced (a forward hook on the real model) by a lookup that puts its probability on a chosen reply, or by zeros
-(every token equally likely); a reference scores each candidate alone, encoded through the chat template, with the
-model's own loss.
+The scoring cases are rigged so the right prediction is known without trusting the code under test: the tiny model's
+logits are replaced (a forward hook on the real model) by a lookup that puts its probability on a chosen reply, or by
+zeros (every token equally likely); a reference scores each candidate alone, encoded through the chat template, with
+the model's own loss. The generation cases compare batched generation with a reference that asks one row at a time,
+unpadded, as the demo does, on a random model and on one trained for a few steps (some replies right, some wrong,
+some none of the allowed answers).
 """
 
+import contextlib
 import math
 from collections import Counter
 
@@ -18,8 +22,16 @@ from deepseekv3.data import QUESTION_TEMPLATES, build_multimodal_dataset, build_
 from deepseekv3.modeling_deepseekv3 import DeepseekV3MultimodalForConditionalGeneration
 from deepseekv3.processing_deepseekv3 import DeepseekV3MultimodalProcessor
 from deepseekv3.tokenization import train_tokenizer
-from deepseekv3.training.collators import InstructionCollator, encode_rows
-from deepseekv3.training.evaluation import chance_accuracy, evaluate_accuracy, predict_answers
+from deepseekv3.training.collators import InstructionCollator, conversation_with_media, encode_rows
+from deepseekv3.training.evaluation import (
+    chance_accuracy,
+    evaluate_accuracy,
+    evaluate_generated_accuracy,
+    generate_answers,
+    invalid_reply_rate,
+    predict_answers,
+    reply_accuracy,
+)
 
 NUM_IMAGES, NUM_CLIPS = 48, 24
 # a small vocabulary splits the answers into 1 to 5 tokens, so candidates differ in length and some tie
@@ -246,3 +258,177 @@ def test_an_answer_outside_the_templates_answers_is_refused(setup):
     model = build_model(setup["config"])
     with pytest.raises(ValueError, match=r"answer \('purple'\) of row 1 is not among the answers"):
         evaluate_accuracy(model, setup["processor"], rows, setup["examples"][:2], progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Measured: the tiny model's small matrices train and generate several times faster on one thread than on
+    two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def generators(setup):
+    """Two models with every feature on (head gates, image position values): random weights (logits scaled up so
+    greedy choices are far from ties), and the same trained 40 steps on the setup rows (replies of allowed words,
+    some right). Both stop at the chat template's end of turn, as the demo model does."""
+    tokenizer = setup["tokenizer"]
+    config = DeepseekV3MultimodalConfig(
+        **{**TINY_TEXT_KWARGS, **TINY_MEDIA_KWARGS, "vocab_size": len(tokenizer)},
+        use_attention_gate=True,
+        use_image_position_values=True,
+    )
+    models = {}
+    for name in ("random", "trained"):
+        torch.manual_seed(0)
+        model = DeepseekV3MultimodalForConditionalGeneration(config)
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")]
+        if name == "random":
+            with torch.no_grad():
+                model.lm_head.weight.mul_(20.0)
+        else:
+            batch = InstructionCollator(config)(setup["examples"])
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            with one_torch_thread():
+                for _ in range(40):
+                    model(**batch).loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+        models[name] = model.eval()
+    return models
+
+
+def generate_one_at_a_time(model, processor, rows, max_new_tokens=8):
+    """The reference: each row alone, unpadded, as the demo asks a question; also the smallest gap between the
+    chosen token's score and the next best over every generated step."""
+    replies, gaps = [], []
+    for row in rows:
+        inputs = processor.apply_chat_template(
+            [conversation_with_media(row, include_answer=False)],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            processor_kwargs={"return_tensors": "pt", "sampling_rate": 16000},
+        )
+        with torch.no_grad():
+            output = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        new_tokens = output.sequences[0, inputs["input_ids"].shape[1] :]
+        replies.append(processor.decode(new_tokens, skip_special_tokens=True).strip())
+        gaps += [float(torch.topk(scores[0], 2).values.diff().abs()) for scores in output.scores]
+    return replies, min(gaps)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", ["random", "trained"])
+def test_batched_generation_gives_the_replies_of_one_row_at_a_time(setup, generators, name):
+    """Image and audio rows in one batch, prompts of different lengths (left padding puts every prompt's end where
+    generation starts); the trained model's replies stop at the end of turn after a few tokens."""
+    rows, processor, model = setup["rows"], setup["processor"], generators[name]
+    assert {row["modality"] for row in rows[:3]} == {"image"} and {row["modality"] for row in rows[-3:]} == {"audio"}
+    assert len({len(example["input_ids"]) for example in setup["examples"]}) > 3
+    expected, smallest_gap = generate_one_at_a_time(model, processor, rows)
+    assert smallest_gap > 1e-3  # no near-tie that float noise could flip
+    assert len(set(expected)) > 3
+    for batch_size in (len(rows), 5):  # 5: mixed image and audio batches, the last one shorter
+        assert generate_answers(model, processor, rows, batch_size=batch_size, progress=False) == expected
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_generated_accuracy_is_exact_match_of_the_replies_per_question_type(setup, generators):
+    rows, processor, model = setup["rows"], setup["processor"], generators["trained"]
+    replies = generate_answers(model, processor, rows, batch_size=4, progress=False)
+    right, total = Counter(), Counter()
+    for row, reply in zip(rows, replies):
+        total[row["question_type"]] += 1
+        right[row["question_type"]] += reply == row["answer"]
+    expected = {question_type: right[question_type] / total[question_type] for question_type in sorted(total)}
+    # informative: some replies right, some wrong, some none of the allowed answers
+    assert 0 < sum(right.values()) < len(rows)
+    allowed = [reply in QUESTION_TEMPLATES[row["question_template"]].answers for row, reply in zip(rows, replies)]
+    assert 0 < sum(allowed) < len(rows)
+    assert evaluate_generated_accuracy(model, processor, rows, batch_size=4, progress=False) == expected
+    assert reply_accuracy(rows, replies) == expected
+    invalid = Counter(row["question_type"] for row, ok in zip(rows, allowed) if not ok)
+    assert invalid_reply_rate(rows, replies) == {
+        question_type: invalid[question_type] / total[question_type] for question_type in sorted(total)
+    }
+
+
+def test_replies_are_compared_exactly_and_words_outside_the_answers_are_invalid():
+    rows = [
+        {"question_type": "color", "question_template": "color", "answer": "red"},
+        {"question_type": "color", "question_template": "color_by_side", "answer": "blue"},
+        {"question_type": "color", "question_template": "color", "answer": "green"},
+        {"question_type": "color", "question_template": "color", "answer": "yellow"},
+        {"question_type": "count", "question_template": "count", "answer": "two"},
+        {"question_type": "count", "question_template": "count", "answer": "one"},
+    ]
+    # right; an allowed but wrong answer; case, whitespace and punctuation count; an empty reply
+    replies = ["red", "green", "Green", "yellow.", "two", ""]
+    assert reply_accuracy(rows, replies) == {"color": 1 / 4, "count": 1 / 2}
+    assert invalid_reply_rate(rows, replies) == {"color": 2 / 4, "count": 1 / 2}
+
+
+def test_no_rows_give_no_replies(setup, generators):
+    model, processor = generators["random"], setup["processor"]
+    assert generate_answers(model, processor, [], progress=False) == []
+    assert evaluate_generated_accuracy(model, processor, [], progress=False) == {}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_generation_leaves_the_model_in_the_mode_it_found_even_when_a_row_fails(setup, generators):
+    rows, processor, model = setup["rows"], setup["processor"], generators["random"]
+    # the second batch holds an image row whose image is missing
+    broken = [*rows[:3], {**rows[0], "image": None}]
+    for training in (True, False):
+        model.train(training)
+        generate_answers(model, processor, rows[:2], max_new_tokens=2, progress=False)
+        assert model.training is training
+        with pytest.raises(ValueError, match=r"row 3 \('color'\) shows an image but its 'image' is missing"):
+            generate_answers(model, processor, broken, batch_size=3, max_new_tokens=2, progress=False)
+        assert model.training is training
+    model.eval()
+
+
+@pytest.mark.parametrize(("keyword", "value"), [("batch_size", 0), ("max_new_tokens", 0), ("max_new_tokens", -1)])
+def test_generation_settings_below_one_are_refused(setup, generators, keyword, value):
+    with pytest.raises(ValueError, match=rf"{keyword} \({value}\) must be at least 1"):
+        generate_answers(generators["random"], setup["processor"], setup["rows"][:1], **{keyword: value})
+
+
+def test_bad_rows_and_replies_are_refused_before_generating(setup, generators):
+    rows, processor, model = setup["rows"], setup["processor"], generators["random"]
+    unknown = [rows[0], {**rows[1], "question_template": "colour"}]
+    for function in (generate_answers, evaluate_generated_accuracy):
+        with pytest.raises(ValueError, match=r"question_template \('colour'\) of row 1 is not one of"):
+            function(model, processor, unknown, progress=False)
+    with pytest.raises(ValueError, match=r"answer \('purple'\) of row 1 is not among the answers"):
+        evaluate_generated_accuracy(model, processor, [rows[0], {**rows[1], "answer": "purple"}], progress=False)
+    audio = [row for row in rows if row["modality"] == "audio"][:2]
+    resampled = [audio[0], {**audio[1], "audio": {**audio[1]["audio"], "sampling_rate": 8000}}]
+    with pytest.raises(ValueError, match=r"different sampling rates \[8000, 16000\]"):
+        generate_answers(model, processor, resampled, progress=False)
+    for function in (reply_accuracy, invalid_reply_rate):
+        with pytest.raises(ValueError, match=r"rows \(2\) and replies \(1\) must be as many"):
+            function(rows[:2], ["red"])
