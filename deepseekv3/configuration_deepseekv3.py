@@ -60,6 +60,11 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
             Weight `alpha` of DeepSeek-V3's complementary sequence-wise balance loss, `alpha * sum_i f_i * P_i` per
             sequence and MoE layer (`sequence_balance_loss`), which `forward` adds as `balance_loss` in training mode
             whenever it computes a loss. `0.0` adds nothing. Must be non-negative; V3 uses 0.0001.
+        attention_distillation_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the attention-distillation term (`distillation_loss`) that `forward` adds when it is given
+            `distillation_targets`. `0.0` removes the term: the targets are ignored, nothing is computed and eager
+            attention is not needed (the ablation of stage 2 without distillation, same batches and labels). Must be
+            non-negative.
         attention_block_size (`int`, *optional*):
             Blockwise local attention for long contexts: the sequence is cut into blocks of this many positions and a
             query attends (causally) to its own block and the one before, so it sees between `attention_block_size`
@@ -78,6 +83,12 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
             `image_size`.
         num_channels (`int`, *optional*, defaults to 3):
             Channels of `pixel_values`.
+        image_conv_stem_channels (`int`, *optional*, defaults to 0):
+            A small convolutional stem before the patch projection: two 3x3 convolutions (this many channels, GELU,
+            full resolution) whose output the patch projection reads through overlapping windows (kernel
+            `2 * patch_size`, stride `patch_size`, padding `patch_size // 2`), so an object cut by a patch border is
+            still seen whole by some patch token. `0` is the plain strided patch projection (ViT, transformers
+            parity). Must be non-negative; with a stem, `patch_size` must be even.
         image_token_id (`int`, *optional*):
             Placeholder token that marks one image patch position in `input_ids`. Required with `use_image_input`.
         use_audio_input (`bool`, *optional*, defaults to `False`):
@@ -153,12 +164,14 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
     attention_gate_sparsity_weight: float = 0.0
     router_bias_update_rate: float = 0.001
     sequence_balance_loss_weight: float = 0.0
+    attention_distillation_weight: float = 1.0
     attention_block_size: int | None = None
     attention_num_sink_tokens: int = 0
     use_image_input: bool = False
     image_size: int = 224
     patch_size: int = 16
     num_channels: int = 3
+    image_conv_stem_channels: int = 0
     image_token_id: int | None = None
     use_audio_input: bool = False
     num_mel_bins: int = 80
@@ -205,7 +218,7 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, topk_group * n_routed_experts / "
                 f"n_group ({experts_in_chosen_groups})]"
             )
-        for name in ("router_bias_update_rate", "sequence_balance_loss_weight"):
+        for name in ("router_bias_update_rate", "sequence_balance_loss_weight", "attention_distillation_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be non-negative")
 
@@ -238,6 +251,13 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
     def _validate_media_fields(self) -> None:
         if self.image_size % self.patch_size != 0:
             raise ValueError(f"patch_size ({self.patch_size}) must divide image_size ({self.image_size})")
+        if self.image_conv_stem_channels < 0:
+            raise ValueError(f"image_conv_stem_channels ({self.image_conv_stem_channels}) must be non-negative")
+        if self.image_conv_stem_channels > 0 and self.patch_size % 2 != 0:
+            raise ValueError(
+                f"patch_size ({self.patch_size}) must be even with image_conv_stem_channels: the overlapping patch "
+                "windows are padded by patch_size // 2 on each side"
+            )
         if self.audio_max_frames % self.audio_conv_stride != 0:
             raise ValueError(
                 f"audio_conv_stride ({self.audio_conv_stride}) must divide audio_max_frames ({self.audio_max_frames})"

@@ -731,3 +731,62 @@ def test_router_and_gates_compute_in_float32_under_autocast(tiny_config):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**multimodal_batch(), output_gate_values=True, output_router_logits=True)
     assert out.router_logits[0].dtype == out.gate_values[0].dtype == torch.float32
+
+
+def test_distillation_weight_scales_the_term_and_zero_removes_it(tiny_config):
+    batch, query_mask, targets = distillation_batch()
+    inputs = dict(batch, labels=batch["input_ids"], distillation_targets=targets, distillation_query_mask=query_mask)
+    outputs = {}
+    for weight in (1.0, 2.0, 0.0):
+        torch.manual_seed(0)
+        model = build_model(
+            DeepseekV3MultimodalConfig(**{**tiny_config.to_dict(), "attention_distillation_weight": weight})
+        )
+        model.train().zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        outputs[weight] = (out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outputs[2.0][0].distillation_loss, 2 * outputs[1.0][0].distillation_loss)
+    # weight 0: no term at all, and exactly the gradients of the same batch without distillation targets
+    assert outputs[0.0][0].distillation_loss is None
+    torch.manual_seed(0)
+    model = build_model(DeepseekV3MultimodalConfig(**{**tiny_config.to_dict(), "attention_distillation_weight": 0.0}))
+    model.train().zero_grad()
+    plain = model(**batch, labels=batch["input_ids"])
+    plain.loss.backward()
+    torch.testing.assert_close(outputs[0.0][0].loss, plain.loss)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(outputs[0.0][1][name], param.grad)
+    # and it needs no eager attention: the weight-0 forward computes nothing from the attention probabilities
+    sdpa = build_model(
+        DeepseekV3MultimodalConfig(**{**tiny_config.to_dict(), "attention_distillation_weight": 0.0}), "sdpa"
+    )
+    assert sdpa(**inputs).distillation_loss is None
+    with pytest.raises(ValueError, match="attention_distillation_weight"):
+        DeepseekV3MultimodalConfig(**{**tiny_config.to_dict(), "attention_distillation_weight": -1.0})
+
+
+def test_conv_stem_patches_see_across_patch_borders(tiny_config):
+    def embeddings(config, pixels):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return build_model(config).model.get_image_embeddings(pixels)
+
+    stem = DeepseekV3MultimodalConfig(**{**tiny_config.to_dict(), "image_conv_stem_channels": 6})
+    pixels = torch.randn(1, 3, 16, 16)
+    moved = pixels.clone()
+    moved[0, :, 1, 5] += 1.0  # a pixel of patch (0, 1), one pixel from patch (0, 0)'s border (patch_size 4)
+    for config, reaches_neighbour in ((tiny_config, False), (stem, True)):
+        before, after = embeddings(config, pixels), embeddings(config, moved)
+        changed = (after - before).abs().amax(dim=-1)[0] > 1e-6  # per patch, row-major
+        assert bool(changed[1])
+        assert bool(changed[0]) is reaches_neighbour
+        assert not bool(changed[-1])  # the far corner is out of every window
+    keys = set(build_model(stem).state_dict()) - set(build_model(tiny_config).state_dict())
+    assert {key.rsplit(".", 2)[0] for key in keys} == {"model.image_stem"}
+    assert build_model(stem).model.image_patch_embedding.kernel_size == (8, 8)
+    with pytest.raises(ValueError, match="patch_size .* must be even"):
+        DeepseekV3MultimodalConfig(**{**tiny_config.to_dict(), "image_conv_stem_channels": 6, "patch_size": 1})
+    with pytest.raises(ValueError, match="image_conv_stem_channels"):
+        DeepseekV3MultimodalConfig(**{**tiny_config.to_dict(), "image_conv_stem_channels": -1})

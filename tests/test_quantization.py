@@ -102,7 +102,9 @@ def test_quantize_filter_and_errors(saved_fp32, tmp_path):
         train_qat(model, [], TrainingArguments(output_dir=str(tmp_path)), tmp_path / "never", stage="lora")
 
 
-SETTINGS = DemoSettings(hidden_size=48, num_hidden_layers=2, num_images=24, num_clips=12)
+# the plain patch projection: these tests quantize the decoder's linear layers, and the int8-vs-fake-quantized
+# tolerance below was set on this model (with the demo's conv stem the same seed draws other weights)
+SETTINGS = DemoSettings(hidden_size=48, num_hidden_layers=2, num_images=24, num_clips=12, image_conv_stem_channels=0)
 
 
 def demo_model_and_instruct_examples():
