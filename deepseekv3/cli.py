@@ -32,7 +32,10 @@ def _demo(args: argparse.Namespace) -> None:
     report = run_demo(settings)
     print(format_accuracy_table(report))
     for example in report["examples"]:
-        print(f"Q: {example['question']}  expected: {example['answer']}  model: {example['generated']!r}")
+        print(
+            f"{example['model']}: Q: {example['question']}  expected: {example['answer']}  "
+            f"reply: {example['generated']!r}"
+        )
     print(f"finished in {report['seconds']:.0f} s; report, plots and the Hub-ready model in {args.output}")
 
 

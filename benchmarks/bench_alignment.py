@@ -1,0 +1,179 @@
+"""What each alignment stage buys, at equal compute, on held-out test questions, over seeds.
+
+Command (from the repository root; the default, 4 variants x 3 seeds, takes about an hour on 2 CPU cores):
+
+    .venv/bin/python benchmarks/bench_alignment.py
+    .venv/bin/python benchmarks/bench_alignment.py --seeds 0 --variants A B     # one pair, a few minutes
+
+The demo's data, tokenizer, model and schedule (`deepseekv3.training.demo`, `DemoSettings()`), every variant of
+`deepseekv3.training.ablations` from the same initial weights per seed, for the same total optimizer steps:
+
+- `A`: contrastive -> attention distillation -> instruction tuning (the seed's recipe, the demo's model);
+- `B`: instruction tuning only, as many steps (it sees every question-answer example A sees, and more);
+- `C`: A without stage 1 (its steps go to distillation);
+- `D`: A with `attention_distillation_weight=0` in stage 2: the same batches and answer labels, no distillation.
+
+The data set is fixed (`data_seed` 0); the seed sets the initial weights and the order of the batches. Each run is
+evaluated once on every test question of the seen types (at least 400 per type), by closed-set scoring (the most
+likely allowed answer) and by greedy `generate` with exact match of the reply (what users get), and on the held-out
+task's 3-object test scenes (`color_by_side`, never trained on here). Reported: per variant and question type the
+mean and sd over seeds; the paired differences A - B, A - C and A - D (per seed, same initial weights and batches)
+with a 95% t-interval; the floors (`floor_accuracies`: chance, majority answer, picture guess; the strongest is the
+one to beat). The validation accuracy after each stage is recorded too; nothing here is chosen on the test split.
+Runs go two at a time in spawned processes of one torch thread each.
+
+Writes `benchmarks/results/bench_alignment.json` (every run's figures, the summary and the command).
+"""
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from deepseekv3.training.ablations import VARIANTS
+from deepseekv3.training.demo import QUESTION_TYPES, DemoSettings, evaluate_split, prepare_demo_data, train_variant
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_alignment.json"
+# two-sided 95% quantiles of Student's t by degrees of freedom
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def run_one(variant: str, seed: int, settings: dict, threads: int) -> dict:
+    """Train and evaluate one variant at one seed (in a worker process)."""
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    settings = DemoSettings(**{**settings, "seed": seed})
+    data = prepare_demo_data(settings, progress=False)
+    with tempfile.TemporaryDirectory() as output_dir:
+        model, result = train_variant(variant, settings, data, Path(output_dir))
+    trained = time.perf_counter()
+    result["test"] = evaluate_split(model, data)
+    result["held_out_test"] = evaluate_split(model, data, "held_out_test")
+    result["test_rows_per_type"] = {q: data.rows["test"]["question_type"].count(q) for q in QUESTION_TYPES}
+    result["held_out_test_rows"] = len(data.rows["held_out_test"])
+    result["floors"] = data.floors
+    result["seconds"] = {"train": round(trained - started, 1), "total": round(time.perf_counter() - started, 1)}
+    return {"variant": variant, "seed": seed, **result}
+
+
+def mean_sd(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def paired_interval(differences: list[float]) -> dict[str, float]:
+    """Mean paired difference with its 95% t-interval (half-width 0 with one seed: no interval)."""
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan}
+    half = _T95.get(len(differences) - 1, 1.96) * statistics.stdev(differences) / math.sqrt(len(differences))
+    return {"mean": mean, "low": mean - half, "high": mean + half}
+
+
+def run_metrics(run: dict, measure: str) -> dict[str, float]:
+    """One run's accuracy per question type, their mean, and the held-out task, by `measure` (scored/generated)."""
+    metrics = dict(run["test"][measure])
+    metrics["mean of types"] = statistics.fmean(run["test"][measure][q] for q in QUESTION_TYPES)
+    metrics["held-out color_by_side"] = run["held_out_test"][measure]["color"]
+    return metrics
+
+
+def summarize(runs: list[dict]) -> dict:
+    metrics = {(run["variant"], run["seed"], m): run_metrics(run, m) for run in runs for m in ("scored", "generated")}
+    variants = sorted({run["variant"] for run in runs})
+    seeds = sorted({run["seed"] for run in runs})
+    summary = {"variants": {}, "differences": {}}
+    for measure in ("scored", "generated"):
+        for variant in variants:
+            mine = [metrics[variant, seed, measure] for seed in seeds if (variant, seed, measure) in metrics]
+            summary["variants"].setdefault(variant, {})[measure] = {
+                name: mean_sd([m[name] for m in mine]) for name in mine[0]
+            }
+        for other in [v for v in variants if v != "A"]:
+            paired = [s for s in seeds if ("A", s, measure) in metrics and (other, s, measure) in metrics]
+            if paired:
+                summary["differences"].setdefault(f"A-{other}", {})[measure] = {
+                    name: paired_interval(
+                        [metrics["A", s, measure][name] - metrics[other, s, measure][name] for s in paired]
+                    )
+                    for name in metrics["A", paired[0], measure]
+                }
+    return summary
+
+
+def print_tables(summary: dict, floors: dict) -> None:
+    columns = [*QUESTION_TYPES, "mean of types", "held-out color_by_side"]
+    print("| test accuracy | " + " | ".join(columns) + " |")
+    print("| --- |" + " ---: |" * len(columns))
+    strongest = floors["test"]["strongest"]
+    cells = [f"{strongest[q]:.2f}" for q in QUESTION_TYPES]
+    cells += [f"{statistics.fmean(strongest[q] for q in QUESTION_TYPES):.2f}"]
+    cells += [f"{floors['held_out_test']['strongest']['color']:.2f}"]
+    print("| strongest floor | " + " | ".join(cells) + " |")
+    for variant, measures in summary["variants"].items():
+        for measure, per_type in measures.items():
+            cells = [f"{per_type[c]['mean']:.2f} ± {per_type[c]['sd']:.2f}" for c in columns]
+            print(f"| {variant} ({measure}) | " + " | ".join(cells) + " |")
+    print()
+    print("| paired difference, 95% interval | " + " | ".join(columns) + " |")
+    print("| --- |" + " ---: |" * len(columns))
+    for name, measures in summary["differences"].items():
+        for measure, per_type in measures.items():
+            cells = [
+                f"{per_type[c]['mean']:+.2f} [{per_type[c]['low']:+.2f}, {per_type[c]['high']:+.2f}]" for c in columns
+            ]
+            print(f"| {name} ({measure}) | " + " | ".join(cells) + " |")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time, one torch thread each")
+    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
+    args = parser.parse_args(argv)
+    settings = asdict(DemoSettings(eval_per_type=None, baseline=False))
+    started = time.perf_counter()
+    runs = []
+    jobs = [(variant, seed) for seed in args.seeds for variant in args.variants]
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_one, variant, seed, settings, 1) for variant, seed in jobs]
+        for future in tqdm(as_completed(futures), total=len(futures), desc="runs"):
+            runs.append(future.result())
+    runs.sort(key=lambda run: (run["seed"], run["variant"]))
+    floors = runs[0]["floors"]
+    summary = summarize(runs)
+    print_tables(summary, floors)
+    result = {
+        "command": "python benchmarks/bench_alignment.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "seconds": round(time.perf_counter() - started, 1),
+        "settings": settings,
+        "floors": floors,
+        "summary": summary,
+        "runs": [{key: value for key, value in run.items() if key != "floors"} for run in runs],
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+    print(f"{len(runs)} runs in {result['seconds'] / 60:.1f} min; written to {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
