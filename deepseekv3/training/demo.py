@@ -464,7 +464,8 @@ def _model_card(report: dict[str, Any]) -> str:
         f"{format_accuracy_table(report)}\n\n"
         "Load it with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` and "
         "`AutoProcessor.from_pretrained(path, trust_remote_code=True)`; the LoRA adapter for the held-out task "
-        "(`../lora-adapter`) with `PeftModel.from_pretrained(model, adapter_path)`.\n"
+        "(the `lora-adapter` folder the demo writes beside this one) with "
+        "`PeftModel.from_pretrained(model, adapter_path)`.\n"
     )
 
 
