@@ -1,6 +1,6 @@
 """DeepSeek-V3's auxiliary-loss-free load balancing on the demo model: expert load, accuracy and step time, on vs off.
 
-Command (from the repository root; no argument runs in about 3.5 minutes on 2 CPU cores):
+Command (from the repository root; no argument runs in about 4.5 minutes on 2 CPU cores):
 
     .venv/bin/python benchmarks/bench_balancing.py            # 1 seed, 500 steps, variants on, off, on_seq_loss
     .venv/bin/python benchmarks/bench_balancing.py --full     # 3 seeds, every variant, mean ± sd (about 14 min)
