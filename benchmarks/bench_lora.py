@@ -255,6 +255,17 @@ def _check_tokenizer(base_dir: str, data: DemoData) -> None:
         raise ValueError(f"the tokenizer in {base_dir} is not the one of these data settings: train it on them")
 
 
+def _train_and_validate(config, replay, learning_rate, settings, base_dir, threads):
+    """Train one run, score it on the held-out validation scenes, time both."""
+    started = time.perf_counter()
+    demo_settings, data = _worker_setup(settings, threads)
+    model, run = _train(config, replay, learning_rate, demo_settings, data, base_dir)
+    trained = time.perf_counter()
+    run["held_out_validation"] = _held_out_validation(model, data)
+    run["seconds"] = {"train": round(trained - started, 1)}
+    return model, data, run, started
+
+
 def sweep_run(
     config: dict[str, Any],
     learning_rate: float,
@@ -264,13 +275,9 @@ def sweep_run(
     threads: int,
 ) -> dict[str, Any]:
     """One run of the learning-rate sweep: trained, scored on the held-out validation scenes, weights saved."""
-    started = time.perf_counter()
-    demo_settings, data = _worker_setup(settings, threads)
-    model, run = _train(config, False, learning_rate, demo_settings, data, base_dir)
-    trained = time.perf_counter()
-    run["held_out_validation"] = _held_out_validation(model, data)
+    model, _, run, started = _train_and_validate(config, False, learning_rate, settings, base_dir, threads)
     torch.save(model.state_dict(), state_path)
-    run["seconds"] = {"train": round(trained - started, 1), "total": round(time.perf_counter() - started, 1)}
+    run["seconds"]["total"] = round(time.perf_counter() - started, 1)
     return run
 
 
@@ -291,13 +298,9 @@ def replay_run(
     config: dict[str, Any], learning_rate: float, settings: dict[str, Any], base_dir: str, threads: int
 ) -> dict[str, Any]:
     """A chosen configuration at its chosen rate, trained with replay, then read on validation and test once."""
-    started = time.perf_counter()
-    demo_settings, data = _worker_setup(settings, threads)
-    model, run = _train(config, True, learning_rate, demo_settings, data, base_dir)
-    trained = time.perf_counter()
-    run["held_out_validation"] = _held_out_validation(model, data)
+    model, data, run, started = _train_and_validate(config, True, learning_rate, settings, base_dir, threads)
     run.update(_test_figures(model, data))
-    run["seconds"] = {"train": round(trained - started, 1), "total": round(time.perf_counter() - started, 1)}
+    run["seconds"]["total"] = round(time.perf_counter() - started, 1)
     return run
 
 

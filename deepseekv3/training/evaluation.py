@@ -160,30 +160,15 @@ def evaluate_accuracy(
         `ValueError`: as [`predict_answers`], or a row's `answer` is not among its template's answers (no
             prediction could match it).
     """
-    for index in range(len(rows)):
-        answer = rows[index]["answer"]
-        if answer not in _answers(rows, index):
-            raise ValueError(
-                f"answer ({answer!r}) of row {index} is not among the answers of its question_template "
-                f"{rows[index]['question_template']!r}: {_answers(rows, index)}"
-            )
+    _check_answers(_plain_rows(rows, ("question_type", "question_template", "answer")))  # before the work
     predictions = predict_answers(model, processor, rows, examples, batch_size=batch_size, progress=progress)
-    correct, total = defaultdict(int), defaultdict(int)
-    for index, prediction in enumerate(predictions):
-        question_type = rows[index]["question_type"]
-        total[question_type] += 1
-        correct[question_type] += int(prediction == rows[index]["answer"])
-    return {question_type: correct[question_type] / total[question_type] for question_type in sorted(total)}
+    return reply_accuracy(rows, predictions)
 
 
 def chance_accuracy(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Expected accuracy of a uniform guess among each row's allowed answers, per question type."""
-    sums, counts = defaultdict(float), defaultdict(int)
-    for index in range(len(rows)):
-        row = rows[index]
-        sums[row["question_type"]] += 1.0 / len(_answers(rows, index))
-        counts[row["question_type"]] += 1
-    return {question_type: sums[question_type] / counts[question_type] for question_type in sorted(counts)}
+    rows = _plain_rows(rows, ("question_type", "question_template"))
+    return _per_type_mean(rows, [1.0 / len(_answers(rows, index)) for index in range(len(rows))])
 
 
 def _per_type_mean(rows: Sequence[Mapping[str, Any]], values: Sequence[float]) -> dict[str, float]:
