@@ -179,7 +179,10 @@ def _train(
     with tempfile.TemporaryDirectory() as output_dir:
         stage = "lora" if config["kind"] == "lora" else "instruct"
         arguments = stage_training_arguments(
-            replace(settings, learning_rate=learning_rate), stage, Path(output_dir), settings.stage_steps["lora"]
+            replace(settings, learning_rate=learning_rate, lora_learning_rate=learning_rate),
+            stage,
+            Path(output_dir),
+            settings.stage_steps["lora"],
         )
         arguments.disable_tqdm = True
         trainer = build_stage_trainer(stage, model, examples, arguments, callbacks=[timer])

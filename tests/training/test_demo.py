@@ -8,7 +8,13 @@ from peft import PeftModel
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from deepseekv3.training.demo import QUESTION_TYPES, DemoSettings, format_accuracy_table, run_demo
+from deepseekv3.training.demo import (
+    QUESTION_TYPES,
+    DemoSettings,
+    format_accuracy_table,
+    run_demo,
+    stage_training_arguments,
+)
 
 # peft 0.21.2 reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecates; the warning is theirs.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -45,6 +51,8 @@ def test_quick_demo_writes_report_plots_a_hub_ready_model_and_an_adapter(tmp_pat
     assert "| model (test) | color | shape | count | spatial | audio |" in card
     assert format_accuracy_table(report) in card
     model = AutoModelForCausalLM.from_pretrained(model_dir)
+    # the demo's image path: conv stem, each image's patches attending to one another both ways
+    assert model.config.use_bidirectional_media_attention and model.config.image_conv_stem_channels > 0
     assert type(model).__name__ == "DeepseekV3MultimodalForConditionalGeneration"
     assert type(AutoProcessor.from_pretrained(model_dir)).__name__ == "DeepseekV3MultimodalProcessor"
     # the adapter is shared the PEFT way, beside the model, not merged into it
@@ -52,3 +60,12 @@ def test_quick_demo_writes_report_plots_a_hub_ready_model_and_an_adapter(tmp_pat
     adapted = PeftModel.from_pretrained(model, tmp_path / "lora-adapter")
     assert any("lora_" in name for name, _ in adapted.named_parameters())
     assert not any("lora_" in key for key in AutoModelForCausalLM.from_pretrained(model_dir).state_dict())
+
+
+def test_each_stage_trains_at_its_own_learning_rate(tmp_path):
+    settings = DemoSettings(learning_rate=1e-3, contrastive_learning_rate=3e-4, lora_learning_rate=3e-3)
+    rates = {
+        stage: stage_training_arguments(settings, stage, tmp_path, steps=10).learning_rate
+        for stage in ("contrastive", "distill", "instruct", "lora")
+    }
+    assert rates == {"contrastive": 3e-4, "distill": 1e-3, "instruct": 1e-3, "lora": 3e-3}
