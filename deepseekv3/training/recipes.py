@@ -40,6 +40,10 @@ class StageArguments:
     num_clips: int = field(default=1000, metadata={"help": "audio clips in the built-in data set"})
     dataset_seed: int = field(default=0, metadata={"help": "seed of the built-in data set"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank (stage lora)"})
+    merge: bool = field(
+        default=False,
+        metadata={"help": "stage lora: save the model with the adapter merged in, instead of the PEFT adapter"},
+    )
 
 
 def select_stage_examples(stage: str, rows: Dataset, examples: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

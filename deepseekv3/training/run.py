@@ -2,8 +2,9 @@
 
 Arguments parse with `HfArgumentParser`, so every `TrainingArguments` option is available next to
 `StageArguments`; the same entry point runs under `accelerate launch -m deepseekv3.cli train ...`. The trained
-model (merged, for `lora`) and its processor are saved to `--output_dir`; `--resume_from_checkpoint` continues an
-interrupted run exactly.
+model and its processor are saved to `--output_dir`; `--resume_from_checkpoint` continues an interrupted run exactly.
+`--stage lora` saves the PEFT adapter (`adapter_config.json` and its weights, for `PeftModel.from_pretrained` on the
+base model given by `--model_name_or_path`) and the processor; with `--merge`, the model with the adapter merged in.
 """
 
 from collections.abc import Sequence
@@ -34,6 +35,11 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
     Returns:
         `str`: the output directory.
     """
+    if stage_args.stage == "lora" and not stage_args.merge and not stage_args.model_name_or_path:
+        raise ValueError(
+            "--stage lora saves an adapter for the base model given by --model_name_or_path; pass one, or --merge to "
+            "save the merged model instead"
+        )
     set_seed(training_args.seed)
     data = build_multimodal_dataset(stage_args.num_images, stage_args.num_clips, seed=stage_args.dataset_seed)
     if stage_args.model_name_or_path:
@@ -53,7 +59,7 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
         model = get_peft_model(model, default_lora_config(r=stage_args.lora_rank, lora_alpha=2 * stage_args.lora_rank))
     trainer = build_stage_trainer(stage_args.stage, model, examples, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    if stage_args.stage == "lora":
+    if stage_args.stage == "lora" and stage_args.merge:
         model = model.merge_and_unload()
     if trainer.is_world_process_zero():
         model.save_pretrained(training_args.output_dir)

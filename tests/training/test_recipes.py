@@ -209,3 +209,49 @@ def test_train_command_runs_a_stage_and_saves_a_loadable_model(tmp_path):
     assert model.config.use_attention_gate and (tmp_path / "out" / "processor_config.json").exists()
     help_text = subprocess.run([*command[:4], "--help"], capture_output=True, text=True, timeout=120).stdout
     assert "--stage" in help_text and "--gradient_accumulation_steps" in help_text
+
+
+def _train_command(output_dir, stage, *extra):
+    return [
+        sys.executable, "-m", "deepseekv3.cli", "train", "--stage", stage, "--output_dir", str(output_dir),
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--num_images", "24", "--num_clips", "12",
+        "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", *extra,
+    ]  # fmt: skip
+
+
+def _run(command):
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+# peft 0.21.2 reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecates; the warning is theirs.
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_lora_stage_saves_a_peft_adapter_that_gives_the_merged_models_logits(tmp_path):
+    from peft import PeftModel
+
+    base = tmp_path / "base"
+    _run(_train_command(base, "instruct"))
+    lora_options = ("--model_name_or_path", str(base), "--learning_rate", "1e-2")
+    _run(_train_command(tmp_path / "adapter", "lora", *lora_options))
+    _run(_train_command(tmp_path / "merged", "lora", *lora_options, "--merge", "true"))
+
+    adapter_files = {path.name for path in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "processor_config.json"} <= adapter_files
+    assert "model.safetensors" not in adapter_files  # the adapter, not a copy of the model
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    input_ids = torch.tensor([[1, 5, 9, 14, 20, 33]])
+    with torch.no_grad():
+        adapted_logits, merged_logits = adapted(input_ids).logits, merged(input_ids).logits
+        plain_logits = plain(input_ids).logits
+    assert not torch.allclose(adapted_logits, plain_logits, atol=1e-4)  # the adapter changed something
+    torch.testing.assert_close(adapted_logits, merged_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_stage_without_a_base_model_or_merge_is_refused_before_training(tmp_path):
+    result = subprocess.run(_train_command(tmp_path / "out", "lora"), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "--model_name_or_path" in result.stderr and "--merge" in result.stderr
+    assert not (tmp_path / "out").exists()
