@@ -6,6 +6,7 @@
   count and order (question type `audio`).
 - `build_multimodal_dataset`: both in one table. `build_text_corpus`: their text, for training the tokenizer.
 - `boxes_to_patch_weights`: the referred objects' boxes as a per-patch distribution (attention distillation).
+- `load_conversations`: a user's own data set (saved, JSON lines, image folder, ...) as conversations to fine-tune on.
 - `split_held_out`: the rows of the held-out templates, which instruction tuning leaves to a LoRA fine-tuning task.
 
 Every answer is one word from a closed set (`QUESTION_TEMPLATES[name].answers`), so accuracy is exact match. The
@@ -17,6 +18,7 @@ try:
 except ImportError as error:
     raise ImportError("deepseekv3.data needs the `datasets` library: pip install 'deepseekv3[train]'") from error
 
+from .conversations import check_conversations, load_conversations
 from .multimodal import MULTIMODAL_FEATURES, build_multimodal_dataset, build_text_corpus
 from .questions import (
     COLORS,
@@ -53,11 +55,13 @@ __all__ = [
     "TONES_FEATURES",
     "QuestionTemplate",
     "boxes_to_patch_weights",
+    "check_conversations",
     "build_messages",
     "build_multimodal_dataset",
     "build_shapes_dataset",
     "build_text_corpus",
     "build_tones_dataset",
+    "load_conversations",
     "draw_shapes",
     "split_held_out",
     "synthesize_tones",

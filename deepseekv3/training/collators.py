@@ -34,6 +34,7 @@ __all__ = [
     "DistillationCollator",
     "InstructionCollator",
     "conversation_with_media",
+    "encode_conversations",
     "encode_rows",
 ]
 
@@ -100,6 +101,89 @@ def encode_rows(
     for start in tqdm(range(0, len(rows), chunk_size), desc="encoding rows", disable=not progress, leave=False):
         chunk = [rows[index] for index in range(start, min(start + chunk_size, len(rows)))]
         examples.extend(_encode_chunk(processor, chunk, patch_size))
+    return examples
+
+
+def encode_conversations(
+    processor: DeepseekV3MultimodalProcessor,
+    rows: Sequence[Mapping[str, Any]],
+    chunk_size: int = 64,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Tokenize and process conversations (`deepseekv3.data.load_conversations`: `messages`, `images`, `audios`) for
+    `InstructionCollator`: labels on the assistant turns only, through the chat template's generation markers.
+
+    Clips at another sampling rate than the feature extractor's are resampled.
+
+    Returns:
+        `list[dict]`, one per row: `input_ids`, `labels`, `mm_token_type_ids`, and `pixel_values` `(images, C, H, W)`
+        / `input_features` `(clips, mel, frames)` and `input_features_mask` where the row has media.
+    """
+    examples = []
+    bar = tqdm(total=len(rows), desc="encoding conversations", disable=not progress, leave=False)
+    start = 0
+    while start < len(rows):
+        rate = _sampling_rate(rows[start])
+        end = start + 1
+        while end < len(rows) and end - start < chunk_size and _sampling_rate(rows[end]) in (rate, None):
+            end += 1
+        examples.extend(_encode_conversation_chunk(processor, [rows[index] for index in range(start, end)], rate))
+        bar.update(end - start)
+        start = end
+    bar.close()
+    return examples
+
+
+def _sampling_rate(row: Mapping[str, Any]) -> int | None:
+    rates = {audio["sampling_rate"] for audio in row["audios"]}
+    if len(rates) > 1:
+        raise ValueError(f"a row's clips are sampled at several rates {sorted(rates)}: give them one rate")
+    return rates.pop() if rates else None
+
+
+def _encode_conversation_chunk(processor, rows, rate) -> list[dict[str, Any]]:
+    conversations = []
+    for row in rows:
+        images, audios = iter(row["images"]), iter(row["audios"])
+        conversation = []
+        for message in row["messages"]:
+            content = []
+            for part in message["content"]:
+                if part["type"] == "image":
+                    content.append({"type": "image", "image": next(images)})
+                elif part["type"] == "audio":
+                    content.append({"type": "audio", "audio": np.asarray(next(audios)["array"], dtype=np.float32)})
+                else:
+                    content.append({"type": "text", "text": part["text"]})
+            conversation.append({"role": message["role"], "content": content})
+        conversations.append(conversation)
+    batch = processor.apply_chat_template(
+        conversations,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        processor_kwargs={"return_tensors": "pt", "padding": True, "sampling_rate": rate, "resample_audio": True},
+    )
+    labels = processor.build_assistant_labels(batch["input_ids"], batch["assistant_masks"])
+    image_index = audio_index = 0
+    examples = []
+    for index, row in enumerate(rows):
+        length = int(batch["attention_mask"][index].sum())
+        example = {
+            "input_ids": batch["input_ids"][index, :length],
+            "labels": labels[index, :length],
+            "mm_token_type_ids": batch["mm_token_type_ids"][index, :length],
+        }
+        if row["images"]:
+            example["pixel_values"] = batch["pixel_values"][image_index : image_index + len(row["images"])]
+            image_index += len(row["images"])
+        if row["audios"]:
+            clips = slice(audio_index, audio_index + len(row["audios"]))
+            frames = int(batch["input_features_mask"][clips].sum(dim=-1).max())
+            example["input_features"] = batch["input_features"][clips, :, :frames]
+            example["input_features_mask"] = batch["input_features_mask"][clips, :frames]
+            audio_index += len(row["audios"])
+        examples.append(example)
     return examples
 
 

@@ -40,6 +40,18 @@ class StageArguments:
     num_clips: int = field(default=1000, metadata={"help": "audio clips in the built-in data set"})
     dataset_seed: int = field(default=0, metadata={"help": "seed of the built-in data set"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank (stage lora)"})
+    dataset: str = field(
+        default="",
+        metadata={
+            "help": "your own data for instruct / lora: a save_to_disk folder, a .jsonl file, an image folder with "
+            "metadata.jsonl, or a load_dataset name (empty: the built-in data)"
+        },
+    )
+    dataset_split: str = field(default="train", metadata={"help": "the split of --dataset to train on"})
+    question_column: str = field(default="question", metadata={"help": "--dataset rows without messages: question"})
+    answer_column: str = field(default="answer", metadata={"help": "--dataset rows without messages: answer"})
+    image_column: str = field(default="image", metadata={"help": "--dataset rows without messages: image"})
+    audio_column: str = field(default="audio", metadata={"help": "--dataset rows without messages: audio clip"})
     merge: bool = field(
         default=False,
         metadata={"help": "stage lora: save the model with the adapter merged in, instead of the PEFT adapter"},

@@ -1,4 +1,5 @@
-"""`deepseekv3 train`: run one stage on the built-in data through `Trainer`, from a saved model or from scratch.
+"""`deepseekv3 train`: run one stage through `Trainer`, from a saved model or from scratch, on the built-in data or,
+for `instruct` and `lora`, on your own (`--dataset`: `deepseekv3.data.load_conversations`).
 
 Arguments parse with `HfArgumentParser`, so every `TrainingArguments` option is available next to
 `StageArguments`; the same entry point runs under `accelerate launch -m deepseekv3.cli train ...`. The trained
@@ -11,9 +12,9 @@ from collections.abc import Sequence
 
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
 
-from ..data import build_multimodal_dataset, build_text_corpus
+from ..data import build_multimodal_dataset, build_text_corpus, load_conversations
 from ..tokenization import train_tokenizer
-from .collators import encode_rows
+from .collators import encode_conversations, encode_rows
 from .demo import DemoSettings, build_demo_model
 from .recipes import StageArguments, build_stage_trainer, select_stage_examples
 
@@ -40,8 +41,22 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
             "--stage lora saves an adapter for the base model given by --model_name_or_path; pass one, or --merge to "
             "save the merged model instead"
         )
+    if stage_args.dataset and stage_args.stage not in ("instruct", "lora"):
+        raise ValueError(
+            f"--dataset trains the instruct and lora stages; --stage {stage_args.stage} needs what only the built-in "
+            "data has (captions for contrastive, object boxes for distill)"
+        )
     set_seed(training_args.seed)
-    data = build_multimodal_dataset(stage_args.num_images, stage_args.num_clips, seed=stage_args.dataset_seed)
+    own = None
+    if stage_args.dataset:  # read and checked before any model is built
+        own = load_conversations(
+            stage_args.dataset,
+            stage_args.dataset_split,
+            stage_args.question_column,
+            stage_args.answer_column,
+            stage_args.image_column,
+            stage_args.audio_column,
+        )
     if stage_args.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(stage_args.model_name_or_path)
         processor = AutoProcessor.from_pretrained(stage_args.model_name_or_path)
@@ -49,8 +64,12 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
         settings = DemoSettings(seed=training_args.seed)
         corpus = build_text_corpus(stage_args.num_images, stage_args.num_clips, stage_args.dataset_seed)
         model, processor = build_demo_model(train_tokenizer(corpus, vocab_size=settings.vocab_size), settings)
-    examples = encode_rows(processor, data["train"], model.config.patch_size)
-    examples = select_stage_examples(stage_args.stage, data["train"], examples)
+    if own is not None:
+        examples = encode_conversations(processor, own)
+    else:
+        data = build_multimodal_dataset(stage_args.num_images, stage_args.num_clips, seed=stage_args.dataset_seed)
+        examples = encode_rows(processor, data["train"], model.config.patch_size)
+        examples = select_stage_examples(stage_args.stage, data["train"], examples)
     if stage_args.stage == "lora":
         from peft import get_peft_model
 

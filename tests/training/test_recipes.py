@@ -1,5 +1,6 @@
 """The stage recipes through the real Trainer: each stage trains its loss terms, logs them, and resumes exactly."""
 
+import json
 import subprocess
 import sys
 
@@ -255,3 +256,35 @@ def test_lora_stage_without_a_base_model_or_merge_is_refused_before_training(tmp
     assert result.returncode != 0
     assert "--model_name_or_path" in result.stderr and "--merge" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_train_command_fine_tunes_on_your_own_json_lines(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "pictures").mkdir()
+    lines = []
+    for index, (name, color) in enumerate([("red", (220, 30, 30)), ("blue", (30, 30, 220))] * 4):
+        Image.new("RGB", (24, 24), color).save(tmp_path / "pictures" / f"{index}.png")
+        lines.append(json.dumps({"question": "what colour is it?", "answer": name, "image": f"pictures/{index}.png"}))
+    (tmp_path / "mine.jsonl").write_text("\n".join(lines))
+
+    _run(_train_command(tmp_path / "out", "instruct", "--dataset", str(tmp_path / "mine.jsonl")))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.use_image_input
+
+    refused = subprocess.run(
+        _train_command(tmp_path / "never", "distill", "--dataset", str(tmp_path / "mine.jsonl")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert refused.returncode != 0 and "object boxes for distill" in refused.stderr
+    lines[3] = json.dumps({"question": "what colour is it?", "answer": "red", "image": "pictures/missing.png"})
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines))
+    bad = subprocess.run(
+        _train_command(tmp_path / "never", "instruct", "--dataset", str(tmp_path / "bad.jsonl")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert bad.returncode != 0 and "row 3: the image 'pictures/missing.png' could not be read" in bad.stderr
+    assert not (tmp_path / "never").exists()
