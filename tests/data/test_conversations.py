@@ -8,11 +8,13 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
+from transformers import TrainingArguments
 
 from deepseekv3.data import build_text_corpus, load_conversations
 from deepseekv3.tokenization import train_tokenizer
 from deepseekv3.training.collators import InstructionCollator, encode_conversations
 from deepseekv3.training.demo import DemoSettings, build_demo_model
+from deepseekv3.training.recipes import build_stage_trainer
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +149,11 @@ def test_encoded_conversations_train_on_the_assistant_turns_only(tmp_path, demo_
     batch = InstructionCollator(model.config)(examples)
     loss = model(**batch).loss
     assert torch.isfinite(loss)
+
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2, use_cpu=True,
+        report_to=[], remove_unused_columns=False, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    build_stage_trainer("instruct", model, examples, arguments).train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
