@@ -31,6 +31,7 @@ setup(
             "matplotlib",
             "deepspeed>=0.19",
             "torchao>=0.18",
+            "trl>=1.16",
             "pytest",
             "hypothesis",
             "ruff",
