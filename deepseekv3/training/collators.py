@@ -34,6 +34,7 @@ __all__ = [
     "DistillationCollator",
     "InstructionCollator",
     "conversation_with_media",
+    "conversation_with_media_lists",
     "encode_conversations",
     "encode_rows",
 ]
@@ -141,24 +142,36 @@ def _sampling_rate(row: Mapping[str, Any]) -> int | None:
     return rates.pop() if rates else None
 
 
+def conversation_with_media_lists(row: Mapping[str, Any], include_last_reply: bool = True) -> list[dict[str, Any]]:
+    """A `load_conversations` row's `messages` with its `images` / `audios` put into the media parts, in order.
+
+    Args:
+        row (`dict`): `messages`, `images`, `audios` (clips as `{"array", "sampling_rate"}`).
+        include_last_reply (`bool`, *optional*, defaults to `True`): keep the last assistant turn (training) or end
+            before it (prompting for generation).
+    """
+    messages = list(row["messages"])
+    if not include_last_reply:
+        last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
+        messages = messages[:last]
+    images, audios = iter(row["images"]), iter(row["audios"])
+    conversation = []
+    for message in messages:
+        content = []
+        for part in message["content"]:
+            if part["type"] == "image":
+                content.append({"type": "image", "image": next(images)})
+            elif part["type"] == "audio":
+                content.append({"type": "audio", "audio": np.asarray(next(audios)["array"], dtype=np.float32)})
+            else:
+                content.append({"type": "text", "text": part["text"]})
+        conversation.append({"role": message["role"], "content": content})
+    return conversation
+
+
 def _encode_conversation_chunk(processor, rows, rate) -> list[dict[str, Any]]:
-    conversations = []
-    for row in rows:
-        images, audios = iter(row["images"]), iter(row["audios"])
-        conversation = []
-        for message in row["messages"]:
-            content = []
-            for part in message["content"]:
-                if part["type"] == "image":
-                    content.append({"type": "image", "image": next(images)})
-                elif part["type"] == "audio":
-                    content.append({"type": "audio", "audio": np.asarray(next(audios)["array"], dtype=np.float32)})
-                else:
-                    content.append({"type": "text", "text": part["text"]})
-            conversation.append({"role": message["role"], "content": content})
-        conversations.append(conversation)
     batch = processor.apply_chat_template(
-        conversations,
+        [conversation_with_media_lists(row) for row in rows],
         tokenize=True,
         return_dict=True,
         return_assistant_tokens_mask=True,

@@ -20,22 +20,30 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import TrainerCallback
+from transformers.utils import logging
 
 from ..data import QUESTION_TEMPLATES
 from ..processing_deepseekv3 import DeepseekV3MultimodalProcessor
-from .collators import InstructionCollator, conversation_with_media
+from .collators import InstructionCollator, conversation_with_media, conversation_with_media_lists
 
 __all__ = [
     "FLOORS",
+    "ExactMatchCallback",
     "chance_accuracy",
     "evaluate_accuracy",
     "evaluate_generated_accuracy",
+    "exact_match",
     "floor_accuracies",
     "generate_answers",
+    "generate_conversation_replies",
     "invalid_reply_rate",
+    "last_reply",
     "predict_answers",
     "reply_accuracy",
 ]
+
+logger = logging.get_logger(__name__)
 
 # The names `floor_accuracies` returns, in order.
 FLOORS = ("chance", "majority", "heuristic", "strongest")
@@ -355,22 +363,32 @@ def generate_answers(
     rates = sorted({row["audio"]["sampling_rate"] for row in light_rows if row.get("audio") is not None})
     if len(rates) > 1:
         raise ValueError(f"the clips have different sampling rates {rates}: resample them to one")
+    conversations = [_media_conversation(rows[index], index) for index in range(len(rows))]
+    return _generate(
+        model, processor, conversations, rates[0] if rates else None, batch_size, max_new_tokens, progress
+    )
+
+
+def _generate(model, processor, conversations, sampling_rate, batch_size, max_new_tokens, progress) -> list[str]:
+    """Greedy replies to `conversations` (prompts without the reply), `batch_size` at a time, padded on the left."""
     processor_kwargs = {
         "return_tensors": "pt",
-        "sampling_rate": rates[0] if rates else None,
+        "sampling_rate": sampling_rate,
         "padding": True,
         # the processor pads on the tokenizer's side (right) unless told; generation continues the last column
         "padding_side": "left",
+        "resample_audio": True,
     }
     device = getattr(model, "device", None)
     was_training = model.training
     model.eval()
     replies = []
     try:
-        for start in tqdm(range(0, len(rows), batch_size), desc="generating", disable=not progress, leave=False):
-            indices = range(start, min(start + batch_size, len(rows)))
+        for start in tqdm(
+            range(0, len(conversations), batch_size), desc="generating", disable=not progress, leave=False
+        ):
             inputs = processor.apply_chat_template(
-                [_media_conversation(rows[index], index) for index in indices],
+                conversations[start : start + batch_size],
                 add_generation_prompt=True,
                 tokenize=True,
                 return_dict=True,
@@ -384,6 +402,45 @@ def generate_answers(
     finally:
         model.train(was_training)
     return replies
+
+
+def last_reply(row: Mapping[str, Any]) -> str:
+    """The text of a `load_conversations` row's last assistant turn: the reference its generated reply is scored on."""
+    reply = [message for message in row["messages"] if message["role"] == "assistant"][-1]
+    return "".join(part["text"] or "" for part in reply["content"] if part["type"] == "text").strip()
+
+
+@torch.no_grad()
+def generate_conversation_replies(
+    model: torch.nn.Module,
+    processor: DeepseekV3MultimodalProcessor,
+    conversations: Sequence[Mapping[str, Any]],
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy replies to `load_conversations` rows, each asked up to its last assistant turn (as in
+    [`generate_answers`]); clips at another rate than the feature extractor's are resampled.
+
+    Raises:
+        `ValueError`: `batch_size` or `max_new_tokens` is below 1, or the clips have different sampling rates.
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be at least 1")
+    rates = sorted({clip["sampling_rate"] for row in conversations for clip in row["audios"]})
+    if len(rates) > 1:
+        raise ValueError(f"the clips have different sampling rates {rates}: resample them to one")
+    prompts = [conversation_with_media_lists(row, include_last_reply=False) for row in conversations]
+    return _generate(model, processor, prompts, rates[0] if rates else None, batch_size, max_new_tokens, progress)
+
+
+def exact_match(conversations: Sequence[Mapping[str, Any]], replies: Sequence[str]) -> float:
+    """Fraction of `replies` equal to their row's `last_reply`, ignoring case and surrounding whitespace."""
+    _check_replies(conversations, replies)
+    if not replies:
+        raise ValueError("no replies to score")
+    matches = [reply.strip().casefold() == last_reply(row).casefold() for row, reply in zip(conversations, replies)]
+    return sum(matches) / len(matches)
 
 
 def _check_replies(rows: Sequence[Mapping[str, Any]], replies: Sequence[str]) -> None:
@@ -458,3 +515,27 @@ def evaluate_generated_accuracy(
         model, processor, rows, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress
     )
     return reply_accuracy(rows, replies)
+
+
+class ExactMatchCallback(TrainerCallback):
+    """At each evaluation, the exact match (`exact_match`) of greedy replies to `conversations` (`load_conversations`
+    rows), added to the evaluation's metrics as `eval_exact_match` and to the log history.
+
+    Args:
+        processor (`DeepseekV3MultimodalProcessor`): the model's processor.
+        conversations (`Sequence[Mapping]`): the evaluation rows, each scored on its last assistant turn.
+        max_new_tokens (`int`, *optional*, defaults to 16): the longest reply generated.
+    """
+
+    def __init__(self, processor: DeepseekV3MultimodalProcessor, conversations, max_new_tokens: int = 16):
+        self.processor, self.conversations, self.max_new_tokens = processor, conversations, max_new_tokens
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        replies = generate_conversation_replies(
+            model, self.processor, self.conversations, max_new_tokens=self.max_new_tokens, progress=False
+        )
+        score = exact_match(self.conversations, replies)
+        if metrics is not None:
+            metrics["eval_exact_match"] = score
+        state.log_history.append({"eval_exact_match": score, "step": state.global_step})
+        logger.warning(f"step {state.global_step}: exact match of greedy replies {score:.3f}")

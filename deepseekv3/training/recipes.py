@@ -48,6 +48,15 @@ class StageArguments:
         },
     )
     dataset_split: str = field(default="train", metadata={"help": "the split of --dataset to train on"})
+    eval_dataset: str = field(
+        default="",
+        metadata={
+            "help": "your own evaluation data, as --dataset: its loss, and the exact match of greedy generate "
+            "against the reference reply when every reference is short (5 words at most), at each evaluation "
+            "(--eval_strategy steps --eval_steps N)"
+        },
+    )
+    eval_dataset_split: str = field(default="validation", metadata={"help": "the split of --eval_dataset"})
     question_column: str = field(default="question", metadata={"help": "--dataset rows without messages: question"})
     answer_column: str = field(default="answer", metadata={"help": "--dataset rows without messages: answer"})
     image_column: str = field(default="image", metadata={"help": "--dataset rows without messages: image"})
@@ -88,6 +97,7 @@ def build_stage_trainer(
     train_examples: Sequence[Mapping[str, Any]],
     args: TrainingArguments,
     callbacks: Sequence[Any] = (),
+    eval_examples: Sequence[Mapping[str, Any]] | None = None,
 ) -> DeepseekV3Trainer:
     """A `DeepseekV3Trainer` set up for `stage`.
 
@@ -98,6 +108,7 @@ def build_stage_trainer(
         args (`TrainingArguments`): every Trainer option; `remove_unused_columns` must be False (the collators read
             fields the model's forward does not take).
         callbacks: extra `TrainerCallback`s.
+        eval_examples: encoded examples to evaluate the loss on (`args.eval_strategy`), batched like the training ones.
 
     Returns:
         `DeepseekV3Trainer`, ready for `.train()`.
@@ -111,6 +122,7 @@ def build_stage_trainer(
         model=model,
         args=args,
         train_dataset=list(train_examples),
+        eval_dataset=list(eval_examples) if eval_examples is not None else None,
         data_collator=_collator(stage, model.config),
         callbacks=list(callbacks),
     )

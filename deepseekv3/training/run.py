@@ -16,9 +16,13 @@ from ..data import build_multimodal_dataset, build_text_corpus, load_conversatio
 from ..tokenization import train_tokenizer
 from .collators import encode_conversations, encode_rows
 from .demo import DemoSettings, build_demo_model
+from .evaluation import ExactMatchCallback, last_reply
 from .recipes import StageArguments, build_stage_trainer, select_stage_examples
 
-__all__ = ["parse_train_arguments", "run_training"]
+__all__ = ["SHORT_REPLY_WORDS", "parse_train_arguments", "run_training"]
+
+# --eval_dataset: references of at most this many words are scored by exact match of greedy `generate` as well
+SHORT_REPLY_WORDS = 5
 
 
 def parse_train_arguments(argv: Sequence[str] | None = None) -> tuple[StageArguments, TrainingArguments]:
@@ -41,22 +45,22 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
             "--stage lora saves an adapter for the base model given by --model_name_or_path; pass one, or --merge to "
             "save the merged model instead"
         )
+    if stage_args.eval_dataset and not stage_args.dataset:
+        raise ValueError("--eval_dataset evaluates training on your own data: pass --dataset too")
     if stage_args.dataset and stage_args.stage not in ("instruct", "lora"):
         raise ValueError(
             f"--dataset trains the instruct and lora stages; --stage {stage_args.stage} needs what only the built-in "
             "data has (captions for contrastive, object boxes for distill)"
         )
     set_seed(training_args.seed)
-    own = None
-    if stage_args.dataset:  # read and checked before any model is built
-        own = load_conversations(
-            stage_args.dataset,
-            stage_args.dataset_split,
-            stage_args.question_column,
-            stage_args.answer_column,
-            stage_args.image_column,
-            stage_args.audio_column,
-        )
+    columns = (stage_args.question_column, stage_args.answer_column, stage_args.image_column, stage_args.audio_column)
+    # read and checked before any model is built
+    own = load_conversations(stage_args.dataset, stage_args.dataset_split, *columns) if stage_args.dataset else None
+    own_eval = (
+        load_conversations(stage_args.eval_dataset, stage_args.eval_dataset_split, *columns)
+        if stage_args.eval_dataset
+        else None
+    )
     if stage_args.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(stage_args.model_name_or_path)
         processor = AutoProcessor.from_pretrained(stage_args.model_name_or_path)
@@ -76,7 +80,12 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
         from .lora import default_lora_config
 
         model = get_peft_model(model, default_lora_config(r=stage_args.lora_rank, lora_alpha=2 * stage_args.lora_rank))
-    trainer = build_stage_trainer(stage_args.stage, model, examples, training_args)
+    eval_examples, callbacks = None, []
+    if own_eval is not None:
+        eval_examples = encode_conversations(processor, own_eval)
+        if all(len(last_reply(row).split()) <= SHORT_REPLY_WORDS for row in own_eval):
+            callbacks.append(ExactMatchCallback(processor, own_eval))
+    trainer = build_stage_trainer(stage_args.stage, model, examples, training_args, callbacks, eval_examples)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if stage_args.stage == "lora" and stage_args.merge:
         model = model.merge_and_unload()

@@ -14,6 +14,7 @@ from deepseekv3.data import build_text_corpus, load_conversations
 from deepseekv3.tokenization import train_tokenizer
 from deepseekv3.training.collators import InstructionCollator, encode_conversations
 from deepseekv3.training.demo import DemoSettings, build_demo_model
+from deepseekv3.training.evaluation import exact_match, generate_conversation_replies, last_reply
 from deepseekv3.training.recipes import build_stage_trainer
 
 
@@ -157,3 +158,30 @@ def test_encoded_conversations_train_on_the_assistant_turns_only(tmp_path, demo_
     before = [parameter.detach().clone() for parameter in model.parameters()]
     build_stage_trainer("instruct", model, examples, arguments).train()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_exact_match_scores_greedy_replies_against_the_last_reply(tmp_path, demo_model):
+    model, processor = demo_model
+    rows = Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": name}]},
+                ],
+                "images": [_picture(rgb)],
+                "audios": [],
+            }
+            for name, rgb in [("Red", (255, 0, 0)), ("blue", (0, 0, 255)), ("red", (250, 0, 0))]
+        ]
+    )
+    assert [last_reply(row) for row in rows] == ["Red", "blue", "red"]
+    assert exact_match(rows, [" red ", "green", "red"]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="rows \\(3\\) and replies \\(2\\)"):
+        exact_match(rows, ["red", "blue"])
+    replies = generate_conversation_replies(model, processor, rows, max_new_tokens=3, progress=False)
+    assert len(replies) == 3 and all(isinstance(reply, str) for reply in replies)
+    assert (
+        exact_match(rows, replies)
+        == sum(r.casefold() == last_reply(row).casefold() for r, row in zip(replies, rows)) / 3
+    )

@@ -268,8 +268,12 @@ def test_train_command_fine_tunes_on_your_own_json_lines(tmp_path):
         lines.append(json.dumps({"question": "what colour is it?", "answer": name, "image": f"pictures/{index}.png"}))
     (tmp_path / "mine.jsonl").write_text("\n".join(lines))
 
-    _run(_train_command(tmp_path / "out", "instruct", "--dataset", str(tmp_path / "mine.jsonl")))
+    evaluation = ("--eval_dataset", str(tmp_path / "mine.jsonl"), "--eval_strategy", "steps", "--eval_steps", "2")
+    result = _run(_train_command(tmp_path / "out", "instruct", "--dataset", str(tmp_path / "mine.jsonl"), *evaluation))
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.use_image_input
+    # the evaluation loss, and the exact match of greedy replies (the references are one word)
+    assert "'eval_loss'" in result.stdout + result.stderr
+    assert "step 2: exact match of greedy replies" in result.stderr
 
     refused = subprocess.run(
         _train_command(tmp_path / "never", "distill", "--dataset", str(tmp_path / "mine.jsonl")),
