@@ -170,23 +170,11 @@ def conversation_with_media_lists(row: Mapping[str, Any], include_last_reply: bo
 
 
 def _encode_conversation_chunk(processor, rows, rate) -> list[dict[str, Any]]:
-    batch = processor.apply_chat_template(
-        [conversation_with_media_lists(row) for row in rows],
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-        processor_kwargs={"return_tensors": "pt", "padding": True, "sampling_rate": rate, "resample_audio": True},
-    )
-    labels = processor.build_assistant_labels(batch["input_ids"], batch["assistant_masks"])
+    batch, labels = _chat_batch(processor, [conversation_with_media_lists(row) for row in rows], rate)
     image_index = audio_index = 0
     examples = []
     for index, row in enumerate(rows):
-        length = int(batch["attention_mask"][index].sum())
-        example = {
-            "input_ids": batch["input_ids"][index, :length],
-            "labels": labels[index, :length],
-            "mm_token_type_ids": batch["mm_token_type_ids"][index, :length],
-        }
+        example = _text_example(batch, labels, index)
         if row["images"]:
             example["pixel_values"] = batch["pixel_values"][image_index : image_index + len(row["images"])]
             image_index += len(row["images"])
@@ -200,27 +188,38 @@ def _encode_conversation_chunk(processor, rows, rate) -> list[dict[str, Any]]:
     return examples
 
 
-def _encode_chunk(processor, rows, patch_size) -> list[dict[str, Any]]:
-    rates = {row["audio"]["sampling_rate"] for row in rows if row.get("audio") is not None}
+def _chat_batch(processor, conversations, rate) -> tuple[Any, torch.Tensor]:
+    """The processor's padded batch of `conversations` and its labels on the assistant turns only."""
     batch = processor.apply_chat_template(
-        [conversation_with_media(row) for row in rows],
+        conversations,
         tokenize=True,
         return_dict=True,
         return_assistant_tokens_mask=True,
-        processor_kwargs={"return_tensors": "pt", "padding": True, "sampling_rate": rates.pop() if rates else None},
+        processor_kwargs={"return_tensors": "pt", "padding": True, "sampling_rate": rate, "resample_audio": True},
     )
-    labels = processor.build_assistant_labels(batch["input_ids"], batch["assistant_masks"])
+    return batch, processor.build_assistant_labels(batch["input_ids"], batch["assistant_masks"])
+
+
+def _text_example(batch, labels, index: int) -> dict[str, torch.Tensor]:
+    """Row `index` of a `_chat_batch` without its padding: `input_ids`, `labels`, `mm_token_type_ids`."""
+    length = int(batch["attention_mask"][index].sum())
+    return {
+        "input_ids": batch["input_ids"][index, :length],
+        "labels": labels[index, :length],
+        "mm_token_type_ids": batch["mm_token_type_ids"][index, :length],
+    }
+
+
+def _encode_chunk(processor, rows, patch_size) -> list[dict[str, Any]]:
+    rates = {row["audio"]["sampling_rate"] for row in rows if row.get("audio") is not None}
+    batch, labels = _chat_batch(
+        processor, [conversation_with_media(row) for row in rows], rates.pop() if rates else None
+    )
     captions = processor.tokenizer([row["caption"] for row in rows])["input_ids"]
     image_index = audio_index = 0
     examples = []
     for index, row in enumerate(rows):
-        length = int(batch["attention_mask"][index].sum())
-        example = {
-            "input_ids": batch["input_ids"][index, :length],
-            "labels": labels[index, :length],
-            "mm_token_type_ids": batch["mm_token_type_ids"][index, :length],
-            "caption_ids": torch.tensor(captions[index]),
-        }
+        example = {**_text_example(batch, labels, index), "caption_ids": torch.tensor(captions[index])}
         example["prompt_length"] = int((example["labels"] != -100).nonzero()[0])
         if row.get("image") is not None:
             example["pixel_values"] = batch["pixel_values"][image_index : image_index + 1]

@@ -251,10 +251,16 @@ def test_lora_stage_saves_a_peft_adapter_that_gives_the_merged_models_logits(tmp
     torch.testing.assert_close(adapted_logits, merged_logits, atol=1e-4, rtol=1e-4)
 
 
+def _refused(command) -> str:
+    """The stderr of a command that must fail."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0, result.stdout[-2000:]
+    return result.stderr
+
+
 def test_lora_stage_without_a_base_model_or_merge_is_refused_before_training(tmp_path):
-    result = subprocess.run(_train_command(tmp_path / "out", "lora"), capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0
-    assert "--model_name_or_path" in result.stderr and "--merge" in result.stderr
+    refused = _refused(_train_command(tmp_path / "out", "lora"))
+    assert "--model_name_or_path" in refused and "--merge" in refused
     assert not (tmp_path / "out").exists()
 
 
@@ -275,20 +281,10 @@ def test_train_command_fine_tunes_on_your_own_json_lines(tmp_path):
     assert "'eval_loss'" in result.stdout + result.stderr
     assert "step 2: exact match of greedy replies" in result.stderr
 
-    refused = subprocess.run(
-        _train_command(tmp_path / "never", "distill", "--dataset", str(tmp_path / "mine.jsonl")),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert refused.returncode != 0 and "object boxes for distill" in refused.stderr
+    refused = _refused(_train_command(tmp_path / "never", "distill", "--dataset", str(tmp_path / "mine.jsonl")))
+    assert "object boxes for distill" in refused
     lines[3] = json.dumps({"question": "what colour is it?", "answer": "red", "image": "pictures/missing.png"})
     (tmp_path / "bad.jsonl").write_text("\n".join(lines))
-    bad = subprocess.run(
-        _train_command(tmp_path / "never", "instruct", "--dataset", str(tmp_path / "bad.jsonl")),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert bad.returncode != 0 and "row 3: the image 'pictures/missing.png' could not be read" in bad.stderr
+    bad = _refused(_train_command(tmp_path / "never", "instruct", "--dataset", str(tmp_path / "bad.jsonl")))
+    assert "row 3: the image 'pictures/missing.png' could not be read" in bad
     assert not (tmp_path / "never").exists()
