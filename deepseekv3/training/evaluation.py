@@ -353,24 +353,24 @@ def generate_answers(
         `ValueError`: `batch_size` or `max_new_tokens` is below 1, a row's `question_template` is unknown, a row's
             message shows an image or clip the row lacks, or the clips have different sampling rates.
     """
+    light_rows = _plain_rows(rows, ("question_type", "question_template", "audio"))
+    for index in range(len(light_rows)):
+        _answers(light_rows, index)
+    rates = {row["audio"]["sampling_rate"] for row in light_rows if row.get("audio") is not None}
+    conversations = [_media_conversation(rows[index], index) for index in range(len(rows))]
+    return _generate(model, processor, conversations, rates, batch_size, max_new_tokens, progress)
+
+
+def _generate(model, processor, conversations, rates, batch_size, max_new_tokens, progress) -> list[str]:
+    """Greedy replies to `conversations` (prompts without the reply, every clip at one of `rates`), `batch_size` at a
+    time, padded on the left."""
     if batch_size < 1:
         raise ValueError(f"batch_size ({batch_size}) must be at least 1")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be at least 1")
-    light_rows = _plain_rows(rows, ("question_type", "question_template", "audio"))
-    for index in range(len(light_rows)):
-        _answers(light_rows, index)
-    rates = sorted({row["audio"]["sampling_rate"] for row in light_rows if row.get("audio") is not None})
     if len(rates) > 1:
-        raise ValueError(f"the clips have different sampling rates {rates}: resample them to one")
-    conversations = [_media_conversation(rows[index], index) for index in range(len(rows))]
-    return _generate(
-        model, processor, conversations, rates[0] if rates else None, batch_size, max_new_tokens, progress
-    )
-
-
-def _generate(model, processor, conversations, sampling_rate, batch_size, max_new_tokens, progress) -> list[str]:
-    """Greedy replies to `conversations` (prompts without the reply), `batch_size` at a time, padded on the left."""
+        raise ValueError(f"the clips have different sampling rates {sorted(rates)}: resample them to one")
+    sampling_rate = next(iter(rates), None)
     processor_kwargs = {
         "return_tensors": "pt",
         "sampling_rate": sampling_rate,
@@ -425,13 +425,9 @@ def generate_conversation_replies(
     Raises:
         `ValueError`: `batch_size` or `max_new_tokens` is below 1, or the clips have different sampling rates.
     """
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be at least 1")
-    rates = sorted({clip["sampling_rate"] for row in conversations for clip in row["audios"]})
-    if len(rates) > 1:
-        raise ValueError(f"the clips have different sampling rates {rates}: resample them to one")
+    rates = {clip["sampling_rate"] for row in conversations for clip in row["audios"]}
     prompts = [conversation_with_media_lists(row, include_last_reply=False) for row in conversations]
-    return _generate(model, processor, prompts, rates[0] if rates else None, batch_size, max_new_tokens, progress)
+    return _generate(model, processor, prompts, rates, batch_size, max_new_tokens, progress)
 
 
 def exact_match(conversations: Sequence[Mapping[str, Any]], replies: Sequence[str]) -> float:
