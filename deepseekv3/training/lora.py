@@ -25,6 +25,7 @@ from ..configuration_deepseekv3 import DeepseekV3MultimodalConfig
 __all__ = [
     "DEFAULT_LORA_TARGET_MODULES",
     "DEFAULT_LORA_TARGET_PARAMETERS",
+    "MEDIA_FRONT_END_LORA_TARGET_MODULES",
     "default_lora_config",
     "register_lora_target_modules",
     "trainable_fraction",
@@ -53,6 +54,16 @@ DEFAULT_LORA_TARGET_MODULES = (
 # experts kernel (`eager`, `grouped_mm`, ...) reads the adapted weight.
 DEFAULT_LORA_TARGET_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
+# The media front end: the image stem's convolutions, the patch embedding and the audio frame embedding (PEFT's
+# Conv2d / Conv1d LoRA layers). Off by default; a task whose pictures or sounds the base model's front end does not
+# resolve needs them (benchmarks/bench_own_data.py measures both on letters from unseen fonts).
+MEDIA_FRONT_END_LORA_TARGET_MODULES = (
+    "image_stem.0",
+    "image_stem.2",
+    "image_patch_embedding",
+    "audio_frame_embedding",
+)
+
 
 def register_lora_target_modules() -> None:
     """Make `DEFAULT_LORA_TARGET_MODULES` PEFT's LoRA default for `model_type="deepseekv3_multimodal"`.
@@ -65,19 +76,24 @@ def register_lora_target_modules() -> None:
     )
 
 
-def default_lora_config(include_routed_experts: bool = True, **overrides) -> LoraConfig:
+def default_lora_config(
+    include_routed_experts: bool = True, include_media_front_end: bool = False, **overrides
+) -> LoraConfig:
     """A causal-LM `LoraConfig` on the default targets, routed experts included unless told otherwise.
 
     Args:
         include_routed_experts (`bool`, *optional*, defaults to `True`): also adapt every routed expert's
             `gate_up_proj` and `down_proj` through `target_parameters`. PEFT's parameter wrapper supports neither
             `lora_dropout`, DoRA, `lora_bias` nor mixed-adapter batches.
+        include_media_front_end (`bool`, *optional*, defaults to `False`): also adapt the convolutions that turn
+            pixels and log-mel frames into tokens (`MEDIA_FRONT_END_LORA_TARGET_MODULES`), for pictures or sounds
+            unlike the base model's.
         overrides: any `LoraConfig` argument (`r`, `lora_alpha`, `target_modules`, `modules_to_save`, ...); each
             replaces the default.
 
     Returns:
-        `LoraConfig` with `task_type="CAUSAL_LM"`, `target_modules=DEFAULT_LORA_TARGET_MODULES` and, with routed
-        experts, `target_parameters=DEFAULT_LORA_TARGET_PARAMETERS`.
+        `LoraConfig` with `task_type="CAUSAL_LM"`, `r=8`, `lora_alpha=16`, `target_modules=DEFAULT_LORA_TARGET_MODULES`
+        (plus the front end's when asked) and, with routed experts, `target_parameters=DEFAULT_LORA_TARGET_PARAMETERS`.
     """
     lora_dropout = overrides.get("lora_dropout", 0.0)
     if include_routed_experts and lora_dropout:
@@ -86,7 +102,11 @@ def default_lora_config(include_routed_experts: bool = True, **overrides) -> Lor
             "update to the stacked weights, where no dropout can act on the inputs; pass include_routed_experts=False "
             "to use dropout on the other targets"
         )
-    arguments = {"task_type": "CAUSAL_LM", "target_modules": list(DEFAULT_LORA_TARGET_MODULES)}
+    targets = list(DEFAULT_LORA_TARGET_MODULES)
+    if include_media_front_end:
+        targets += MEDIA_FRONT_END_LORA_TARGET_MODULES
+    # PEFT's own default is lora_alpha = r (scale 1); the demo, the CLI and bench_lora use 2r
+    arguments = {"task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "target_modules": targets}
     if include_routed_experts:
         arguments["target_parameters"] = list(DEFAULT_LORA_TARGET_PARAMETERS)
     return LoraConfig(**{**arguments, **overrides})

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from deepseekv3 import DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration
 from deepseekv3.training.lora import (
     DEFAULT_LORA_TARGET_MODULES,
+    MEDIA_FRONT_END_LORA_TARGET_MODULES,
     default_lora_config,
     trainable_fraction,
 )
@@ -204,6 +205,37 @@ def test_merge_and_unload_gives_the_adapter_logits_with_media_and_gates(tiny_con
     torch.testing.assert_close(merged.logits, adapter.logits, atol=1e-5, rtol=1e-5)
     for merged_gates, adapter_gates in zip(merged.gate_values, adapter.gate_values, strict=True):
         torch.testing.assert_close(merged_gates, adapter_gates, atol=1e-5, rtol=1e-5)
+
+
+def test_the_media_front_end_is_adapted_only_when_asked_and_merges_exactly(tiny_config):
+    tiny_config.image_conv_stem_channels = 4
+    front_end = {
+        "model.image_stem.0",
+        "model.image_stem.2",
+        "model.image_patch_embedding",
+        "model.audio_frame_embedding",
+    }
+    plain = adapted_modules(get_peft_model(build_model(tiny_config), default_lora_config()))
+    assert not plain & front_end
+    batch = multimodal_batch()
+    model = build_model(tiny_config)
+    with torch.no_grad():
+        base = model(**batch).logits
+    # the front end's adapters alone act on the forward: through the image and the clip
+    alone = get_peft_model(
+        model, LoraConfig(target_modules=list(MEDIA_FRONT_END_LORA_TARGET_MODULES), init_lora_weights=False)
+    )
+    assert adapted_modules(alone) == front_end
+    with torch.no_grad():
+        assert not torch.allclose(alone(**batch).logits, base, atol=1e-3)
+    peft_model = get_peft_model(
+        build_model(tiny_config), default_lora_config(include_media_front_end=True, init_lora_weights=False)
+    )
+    assert adapted_modules(peft_model) == plain | front_end
+    with torch.no_grad():
+        adapter = peft_model(**batch).logits
+        merged = peft_model.merge_and_unload()(**batch).logits
+    torch.testing.assert_close(merged, adapter, atol=1e-5, rtol=1e-5)
 
 
 def test_head_skipping_with_an_unmerged_adapter_equals_the_merged_model(tiny_config):
