@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..configuration_deepseekv3 import DeepseekV3MultimodalConfig
 from ..data import boxes_to_patch_weights
 from ..processing_deepseekv3 import DeepseekV3MultimodalProcessor
-from .packing import MultimodalPaddingCollator
+from .packing import MultimodalPackingCollator, MultimodalPaddingCollator
 
 __all__ = [
     "ContrastiveCollator",
@@ -304,14 +304,21 @@ def _naming_positions(tokenizer, row, input_ids: torch.Tensor, question_mask: to
 
 
 class InstructionCollator:
-    """Batches encoded examples for next-token training on the reply: right padding, media in example order.
+    """Batches encoded examples for next-token training on the reply: right padding (or packing), media in example
+    order.
 
     Args:
         config (`DeepseekV3MultimodalConfig`): the model's config (`pad_token_id`, placeholders).
+        packing_max_tokens (`int`, *optional*, defaults to 0): when above 0, pack whole examples into rows of at
+            most this many tokens (`MultimodalPackingCollator`: per-sequence positions and masks, so each example
+            keeps its own loss) instead of one right-padded example per row.
     """
 
-    def __init__(self, config: DeepseekV3MultimodalConfig):
-        self.padding = MultimodalPaddingCollator(config)
+    def __init__(self, config: DeepseekV3MultimodalConfig, packing_max_tokens: int = 0):
+        if packing_max_tokens:
+            self.padding = MultimodalPackingCollator(config, max_tokens_per_row=packing_max_tokens)
+        else:
+            self.padding = MultimodalPaddingCollator(config)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         keys = ("input_ids", "labels", "mm_token_type_ids", *_MEDIA_KEYS)

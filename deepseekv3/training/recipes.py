@@ -40,6 +40,13 @@ class StageArguments:
     num_clips: int = field(default=1000, metadata={"help": "audio clips in the built-in data set"})
     dataset_seed: int = field(default=0, metadata={"help": "seed of the built-in data set"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank (stage lora)"})
+    lora_media_front_end: bool = field(
+        default=False,
+        metadata={
+            "help": "stage lora: also adapt the image stem, patch embedding and audio frame embedding, for pictures "
+            "or sounds unlike the base model's"
+        },
+    )
     dataset: str = field(
         default="",
         metadata={
@@ -65,6 +72,13 @@ class StageArguments:
         default=False,
         metadata={"help": "stage lora: save the model with the adapter merged in, instead of the PEFT adapter"},
     )
+    packing_max_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "stages instruct / lora: pack whole examples into rows of at most this many tokens "
+            "(MultimodalPackingCollator; each keeps the loss it has alone); 0 pads one example per row"
+        },
+    )
 
 
 def select_stage_examples(stage: str, rows: Dataset, examples: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -83,12 +97,14 @@ def select_stage_examples(stage: str, rows: Dataset, examples: Sequence[Mapping[
     return [example for index, example in enumerate(examples) if keep(index)]
 
 
-def _collator(stage: str, config: DeepseekV3MultimodalConfig):
+def _collator(stage: str, config: DeepseekV3MultimodalConfig, packing_max_tokens: int):
+    if packing_max_tokens and stage not in ("instruct", "lora"):
+        raise ValueError(f"packing trains the instruct and lora stages; {stage} batches whole rows (pass 0)")
     if stage == "contrastive":
         return ContrastiveCollator(config)
     if stage == "distill":
         return DistillationCollator(config)
-    return InstructionCollator(config)
+    return InstructionCollator(config, packing_max_tokens=packing_max_tokens)
 
 
 def build_stage_trainer(
@@ -98,6 +114,7 @@ def build_stage_trainer(
     args: TrainingArguments,
     callbacks: Sequence[Any] = (),
     eval_examples: Sequence[Mapping[str, Any]] | None = None,
+    packing_max_tokens: int = 0,
 ) -> DeepseekV3Trainer:
     """A `DeepseekV3Trainer` set up for `stage`.
 
@@ -109,6 +126,8 @@ def build_stage_trainer(
             fields the model's forward does not take).
         callbacks: extra `TrainerCallback`s.
         eval_examples: encoded examples to evaluate the loss on (`args.eval_strategy`), batched like the training ones.
+        packing_max_tokens (`int`, defaults to 0): `instruct` / `lora` only: pack each batch's examples into rows of
+            at most this many tokens (`MultimodalPackingCollator`) instead of padding one example per row.
 
     Returns:
         `DeepseekV3Trainer`, ready for `.train()`.
@@ -123,6 +142,6 @@ def build_stage_trainer(
         args=args,
         train_dataset=list(train_examples),
         eval_dataset=list(eval_examples) if eval_examples is not None else None,
-        data_collator=_collator(stage, model.config),
+        data_collator=_collator(stage, model.config, packing_max_tokens),
         callbacks=list(callbacks),
     )

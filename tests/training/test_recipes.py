@@ -10,7 +10,12 @@ from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArgument
 
 from deepseekv3.data import boxes_to_patch_weights, build_multimodal_dataset, build_text_corpus
 from deepseekv3.tokenization import train_tokenizer
-from deepseekv3.training.collators import ContrastiveCollator, DistillationCollator, encode_rows
+from deepseekv3.training.collators import (
+    ContrastiveCollator,
+    DistillationCollator,
+    InstructionCollator,
+    encode_rows,
+)
 from deepseekv3.training.demo import DemoSettings, build_demo_model
 from deepseekv3.training.recipes import STAGES, build_stage_trainer, select_stage_examples
 
@@ -180,6 +185,20 @@ def test_resuming_after_an_interruption_gives_the_uninterrupted_weights(encoded,
         torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_packed_batches_give_each_example_the_loss_it_has_padded(encoded):
+    tokenizer, rows, examples = encoded
+    model = fresh_model(tokenizer).eval()
+    instruct = select_stage_examples("instruct", rows, examples)
+    chosen = [e for e in instruct if "pixel_values" in e][:4] + [e for e in instruct if "input_features" in e][:3]
+    padded = InstructionCollator(model.config)(chosen)
+    packed = InstructionCollator(model.config, packing_max_tokens=model.config.max_position_embeddings)(chosen)
+    assert packed["input_ids"].shape[0] < len(chosen) and "attention_mask" not in packed
+    assert model.config.use_bidirectional_media_attention  # the demo model: patches see each other both ways
+    with torch.no_grad():
+        padded_loss, packed_loss = model(**padded).lm_loss, model(**packed).lm_loss
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+
+
 def test_train_command_runs_a_stage_and_saves_a_loadable_model(tmp_path):
     command = [
         sys.executable,
@@ -258,6 +277,18 @@ def _refused(command) -> str:
     return result.stderr
 
 
+def test_a_saved_model_trains_with_the_cpu_experts_kernel_the_demo_uses(encoded, tmp_path):
+    from deepseekv3.training.run import load_saved_model
+
+    tokenizer = encoded[0]
+    model, processor = build_demo_model(tokenizer, SETTINGS)
+    model.save_pretrained(tmp_path / "saved")
+    processor.save_pretrained(tmp_path / "saved")
+    loaded, _ = load_saved_model(str(tmp_path / "saved"))
+    assert model.config._experts_implementation == "eager"
+    assert loaded.config._experts_implementation == model.config._experts_implementation
+
+
 def test_lora_stage_without_a_base_model_or_merge_is_refused_before_training(tmp_path):
     refused = _refused(_train_command(tmp_path / "out", "lora"))
     assert "--model_name_or_path" in refused and "--merge" in refused
@@ -275,7 +306,10 @@ def test_train_command_fine_tunes_on_your_own_json_lines(tmp_path):
     (tmp_path / "mine.jsonl").write_text("\n".join(lines))
 
     evaluation = ("--eval_dataset", str(tmp_path / "mine.jsonl"), "--eval_strategy", "steps", "--eval_steps", "2")
-    result = _run(_train_command(tmp_path / "out", "instruct", "--dataset", str(tmp_path / "mine.jsonl"), *evaluation))
+    packed = ("--packing_max_tokens", "128")
+    result = _run(
+        _train_command(tmp_path / "out", "instruct", "--dataset", str(tmp_path / "mine.jsonl"), *evaluation, *packed)
+    )
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.use_image_input
     # the evaluation loss, and the exact match of greedy replies (the references are one word)
     assert "'eval_loss'" in result.stdout + result.stderr
@@ -283,6 +317,9 @@ def test_train_command_fine_tunes_on_your_own_json_lines(tmp_path):
 
     refused = _refused(_train_command(tmp_path / "never", "distill", "--dataset", str(tmp_path / "mine.jsonl")))
     assert "object boxes for distill" in refused
+    assert "--stage contrastive batches whole rows" in _refused(
+        _train_command(tmp_path / "never", "contrastive", *packed)
+    )
     lines[3] = json.dumps({"question": "what colour is it?", "answer": "red", "image": "pictures/missing.png"})
     (tmp_path / "bad.jsonl").write_text("\n".join(lines))
     bad = _refused(_train_command(tmp_path / "never", "instruct", "--dataset", str(tmp_path / "bad.jsonl")))
