@@ -2,7 +2,7 @@
 
     make demo                                              # saves the demo model to outputs/demo/model
     python examples/fine_tune_own_data.py --make-letters letters   # letters from the installed fonts (apt)
-    python examples/fine_tune_own_data.py --base outputs/demo/model --dataset letters --steps 750
+    python examples/fine_tune_own_data.py --base outputs/demo/model --dataset letters --steps 1000
     python examples/fine_tune_own_data.py --base outputs/demo/model --dataset my_data.jsonl --lora
 
 `--dataset` is anything `deepseekv3.data.load_conversations` reads: a `save_to_disk` folder, a JSON lines file, an
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--base", default="outputs/demo/model", help="the saved model to start from")
     parser.add_argument("--dataset", help="your data: a save_to_disk folder, .jsonl, image/audio folder, ...")
     parser.add_argument("--eval-split", default="test")
-    parser.add_argument("--steps", type=int, default=750)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--learning-rate", type=float, default=None, help="default 1e-3, or 3e-3 with --lora")
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of every weight")
     parser.add_argument("--output", default="out/own_data")
