@@ -252,13 +252,15 @@ def test_lora_stage_saves_a_peft_adapter_that_gives_the_merged_models_logits(tmp
 
     base = tmp_path / "base"
     _run(_train_command(base, "instruct"))
-    lora_options = ("--model_name_or_path", str(base), "--learning_rate", "1e-2")
+    lora_options = ("--model_name_or_path", str(base), "--learning_rate", "1e-2", "--lora_media_front_end", "true")
     _run(_train_command(tmp_path / "adapter", "lora", *lora_options))
     _run(_train_command(tmp_path / "merged", "lora", *lora_options, "--merge", "true"))
 
     adapter_files = {path.name for path in (tmp_path / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "processor_config.json"} <= adapter_files
     assert "model.safetensors" not in adapter_files  # the adapter, not a copy of the model
+    targets = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert {"image_patch_embedding", "audio_frame_embedding", "o_proj"} <= set(targets)
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     plain = AutoModelForCausalLM.from_pretrained(base).eval()
