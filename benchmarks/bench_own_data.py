@@ -69,7 +69,7 @@ from transformers.utils import logging
 from deepseekv3.data import load_conversations
 from deepseekv3.data.installed import build_letters_dataset, build_spoken_words_dataset
 from deepseekv3.training.collators import encode_conversations
-from deepseekv3.training.evaluation import exact_match, generate_conversation_replies
+from deepseekv3.training.evaluation import exact_match, generate_conversation_replies, last_reply
 from deepseekv3.training.lora import default_lora_config, trainable_fraction
 from deepseekv3.training.recipes import build_stage_trainer
 from deepseekv3.training.run import load_saved_model
@@ -128,7 +128,7 @@ def floor(splits: dict[str, Any], frames: int) -> dict[str, Any]:
     from sklearn.preprocessing import StandardScaler
 
     data = {
-        split: (_features(part["examples"], frames), [_reply(row) for row in part["rows"]])
+        split: (_features(part["examples"], frames), [last_reply(row) for row in part["rows"]])
         for split, part in splits.items()
     }
     validation, fitted = {}, {}
@@ -139,10 +139,6 @@ def floor(splits: dict[str, Any], frames: int) -> dict[str, Any]:
             validation[c] = float(fitted[c].score(*data["validation"]))
     chosen = max(FLOOR_C, key=lambda c: (validation[c], -FLOOR_C.index(c)))
     return {"validation": validation, "C": chosen, "test": float(fitted[chosen].score(*data["test"]))}
-
-
-def _reply(row: dict[str, Any]) -> str:
-    return row["messages"][-1]["content"][0]["text"]
 
 
 class _Curve(TrainerCallback):
