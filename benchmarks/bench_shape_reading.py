@@ -13,10 +13,17 @@ images is scored). The readers differ in one thing:
   decoder reads "...is the red object? <|assistant|>": the reading position must first fetch the colour from the
   question before it can look the object up (three layers, the image's patches attending to one another both ways);
 - `direct, init 0.02`: `direct` with its attention and linear weights drawn at std 0.02, the decoder's
-  `initializer_range`, instead of PyTorch's fan-in scaled defaults.
+  `initializer_range`, instead of PyTorch's fan-in scaled defaults;
+- `decoder`: the demo model itself (`DeepseekV3MultimodalForConditionalGeneration` from `demo_config`: MLA, MoE,
+  head gates, its front end) given the `one hop` input as tokens, `[16 patch placeholders] [colour] [read]`, each
+  colour and shape its own token id, the answer read from its logits at the read position (over the three shape
+  tokens). The task, data, steps and optimiser are `one hop`'s;
+- `decoder, init 0.1`: `decoder` with `initializer_range=0.1` (about 1 / sqrt(hidden_size), the fan-in scale)
+  instead of the demo's 0.02.
 
 Every run takes the same steps of the same batch size, at the demo's learning rate (AdamW, 1e-3); three seeds each.
-Nothing here plants the answer: the reader sees only the pixels and the colour.
+Validation accuracy is measured in eval mode (the encoder readers' dropout off). Nothing here plants the answer: the
+reader sees only the pixels and the colour.
 
     .venv/bin/python benchmarks/bench_shape_reading.py [--steps 1200] [--seeds 0 1 2]
 """
@@ -35,11 +42,11 @@ from torch import nn
 
 from deepseekv3.data import build_shapes_dataset
 from deepseekv3.data.questions import COLORS, SHAPES
-from deepseekv3.modeling_deepseekv3 import DeepseekV3MultimodalModel
+from deepseekv3.modeling_deepseekv3 import DeepseekV3MultimodalForConditionalGeneration, DeepseekV3MultimodalModel
 from deepseekv3.tokenization import train_tokenizer
 from deepseekv3.training.demo import DemoSettings, demo_config
 
-READERS = ("direct", "one hop", "direct, init 0.02")
+READERS = ("direct", "one hop", "direct, init 0.02", "decoder", "decoder, init 0.1")
 RESULTS = Path(__file__).parent / "results" / "bench_shape_reading.json"
 
 
@@ -98,6 +105,27 @@ class Reader(nn.Module):
         return self.head(self.attention(query, tokens, tokens)[0][:, 0])
 
 
+class DecoderReader(nn.Module):
+    """The whole demo model reading `[patches] [colour] [read]`: the shape tokens' logits at the read position."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.model = DeepseekV3MultimodalForConditionalGeneration(config)
+        if not torch.cuda.is_available():
+            self.model.set_experts_implementation("eager")
+        # token ids of their own, away from the placeholders and special tokens
+        self.register_buffer("color_ids", torch.arange(100, 100 + len(COLORS)))
+        self.register_buffer("shape_ids", torch.arange(110, 110 + len(SHAPES)))
+        self.read_id, self.image_token_id = 120, config.image_token_id
+        self.num_image_tokens = config.num_image_tokens
+
+    def forward(self, pixels: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
+        patches = torch.full((len(colors), self.num_image_tokens), self.image_token_id, device=colors.device)
+        read = torch.full((len(colors), 1), self.read_id, device=colors.device)
+        input_ids = torch.cat([patches, self.color_ids[colors][:, None], read], dim=1)
+        return self.model(input_ids=input_ids, pixel_values=pixels).logits[:, -1, self.shape_ids]
+
+
 def run(reader: str, seed: int, steps: int) -> dict:
     """One reader trained from seed `seed` in a worker process of one torch thread."""
     torch.set_num_threads(1)
@@ -106,7 +134,12 @@ def run(reader: str, seed: int, steps: int) -> dict:
     config = demo_config(tokenizer, settings)
     train, validation = _examples(settings, "train"), _examples(settings, "validation")
     torch.manual_seed(seed)
-    model = Reader(config, reader)
+    if reader.startswith("decoder"):
+        if reader == "decoder, init 0.1":
+            config.initializer_range = 0.1
+        model = DecoderReader(config)
+    else:
+        model = Reader(config, reader)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
     (train_pixels, train_objects), (val_pixels, val_objects) = train, validation
     generator = torch.Generator().manual_seed(seed)
@@ -119,8 +152,12 @@ def run(reader: str, seed: int, steps: int) -> dict:
         loss.backward()
         optimizer.step()
         if step % (steps // 4) == 0:
+            model.eval()
             with torch.no_grad():
-                predicted = model(val_pixels[val_objects[:, 0]], val_objects[:, 1]).argmax(dim=-1)
+                predicted = torch.cat(
+                    [model(val_pixels[chunk[:, 0]], chunk[:, 1]).argmax(dim=-1) for chunk in val_objects.split(512)]
+                )
+            model.train()
             curve.append((step, float((predicted == val_objects[:, 2]).float().mean())))
     return {
         "reader": reader,
