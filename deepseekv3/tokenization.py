@@ -77,8 +77,9 @@ def train_tokenizer(
         min_frequency (`int`, *optional*, defaults to 2): a pair is merged only if it occurs at least this often.
 
     Returns:
-        `PreTrainedTokenizerFast`: adds `<s>` in front of every sequence (`add_special_tokens=True`), pads with
-        `<pad>` on the right, and exposes `image_token` / `audio_token` (and their ids) for the processor.
+        `PreTrainedTokenizerFast`: pads with `<pad>` on the right and exposes `image_token` / `audio_token` (and
+        their ids) for the processor. `<s>` comes from the chat template alone, so a rendered conversation tokenizes
+        to exactly one `<s>` however it is tokenized (`add_special_tokens` adds nothing); plain text gets none.
     """
     smallest = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
     if vocab_size < smallest:
@@ -97,15 +98,9 @@ def train_tokenizer(
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    bos_token_id = tokenizer.token_to_id(BOS_TOKEN)
-    tokenizer.post_processor = processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, bos_token_id)]
-            ),
-        ]
-    )
+    # No `<s>` from the tokenizer: the chat template writes it. A client that renders the template and then tokenizes
+    # the text (TRL, serving front ends) would otherwise get two, whatever it passes as `add_special_tokens`.
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     return _wrap_tokenizer(tokenizer)
 
 

@@ -106,8 +106,36 @@ def test_each_placeholder_expands_to_the_tokens_the_model_consumes(processor):
     expected_modality[ids == IMAGE_ID] = IMAGE_MODALITY_ID
     expected_modality[ids == AUDIO_ID] = AUDIO_MODALITY_ID
     torch.testing.assert_close(out["mm_token_type_ids"], expected_modality)
-    # the image span is contiguous and sits where "<image>" was: right after BOS
-    assert ids[0, 1 : 1 + NUM_IMAGE_TOKENS].eq(IMAGE_ID).all() and ids[0, 0] == processor.tokenizer.bos_token_id
+    # the image span is contiguous and sits where "<image>" was: at the start (plain text gets no BOS)
+    assert ids[0, :NUM_IMAGE_TOKENS].eq(IMAGE_ID).all()
+
+
+def test_a_rendered_chat_template_tokenizes_to_exactly_one_bos_on_every_path(processor):
+    """TRL and other clients render the template, then tokenize the text, with or without special tokens."""
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ]
+    tokenizer, bos = processor.tokenizer, processor.tokenizer.bos_token_id
+    rendered = processor.apply_chat_template(messages)
+    assert rendered.startswith(tokenizer.bos_token)
+    paths = {
+        "tokenizer": tokenizer(rendered)["input_ids"],
+        "tokenizer, no special tokens": tokenizer(rendered, add_special_tokens=False)["input_ids"],
+        "processor": processor(text=rendered, images=[_image()])["input_ids"][0],
+        "processor, no special tokens": processor(text=rendered, images=[_image()], add_special_tokens=False)[
+            "input_ids"
+        ][0],
+        "tokenizer.apply_chat_template": tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)[
+            "input_ids"
+        ],
+        "processor.apply_chat_template": processor.apply_chat_template(
+            messages, images=[_image()], tokenize=True, return_dict=True
+        )["input_ids"][0],
+    }
+    for path, ids in paths.items():
+        ids = list(ids)
+        assert ids.count(bos) == 1 and ids[0] == bos, path
 
 
 def test_a_clip_gets_the_same_tokens_and_features_alone_or_batched_with_a_longer_clip(processor):
@@ -163,7 +191,7 @@ def test_unequal_lengths_without_padding_are_refused_for_tensors(processor):
 
 
 def test_truncation_cutting_through_an_image_raises_by_default(processor):
-    with pytest.raises(ValueError, match=r"remove part of the image at tokens \[3, 19\) of sample 0"):
+    with pytest.raises(ValueError, match=r"remove part of the image at tokens \[2, 18\) of sample 0"):
         processor(text="hi <image> there", images=_image(), truncation=True, max_length=10)
 
 
@@ -525,7 +553,8 @@ _segment = st.one_of(
     st.integers(0, 3).map(lambda seed: ("image", seed)),
     st.integers(STRIDE * HOP_LENGTH, TINY_MEDIA_KWARGS["audio_max_frames"] * HOP_LENGTH).map(lambda n: ("audio", n)),
 )
-_batch = st.lists(st.lists(_segment, min_size=0, max_size=4), min_size=1, max_size=3)
+# every sample has a segment: an empty one has no token to run (the tokenizer adds no BOS; the chat template does)
+_batch = st.lists(st.lists(_segment, min_size=1, max_size=4), min_size=1, max_size=3)
 
 
 def _inputs_from_segments(batch):
