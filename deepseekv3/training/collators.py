@@ -215,7 +215,9 @@ def _encode_chunk(processor, rows, patch_size) -> list[dict[str, Any]]:
     batch, labels = _chat_batch(
         processor, [conversation_with_media(row) for row in rows], rates.pop() if rates else None
     )
-    captions = processor.tokenizer([row["caption"] for row in rows])["input_ids"]
+    # a caption is encoded alone for the contrastive stage, starting with <s> as every conversation does
+    bos = processor.tokenizer.bos_token
+    captions = processor.tokenizer([bos + row["caption"] for row in rows], add_special_tokens=False)["input_ids"]
     image_index = audio_index = 0
     examples = []
     for index, row in enumerate(rows):

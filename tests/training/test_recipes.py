@@ -104,6 +104,13 @@ def test_contrastive_batches_pair_captions_with_media_images_first(encoded):
     assert batch["contrastive_input_ids"].shape[0] == batch["pixel_values"].shape[0] + batch["input_features"].shape[0]
 
 
+def test_every_caption_and_conversation_starts_with_exactly_one_bos(encoded):
+    tokenizer, rows, examples = encoded
+    for example in examples[:16]:
+        for ids in (example["caption_ids"].tolist(), example["input_ids"].tolist()):
+            assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+
+
 def test_distillation_targets_are_region_distributions_over_question_positions(encoded):
     tokenizer, rows, examples = encoded
     config = fresh_model(tokenizer).config
