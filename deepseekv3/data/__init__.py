@@ -7,6 +7,7 @@
 - `build_multimodal_dataset`: both in one table. `build_text_corpus`: their text, for training the tokenizer.
 - `boxes_to_patch_weights`: the referred objects' boxes as a per-patch distribution (attention distillation).
 - `load_conversations`: a user's own data set (saved, JSON lines, image folder, ...) as conversations to fine-tune on.
+- `mix_datasets`: "core 80% + edge cases 20%", a mix with an exact share of edge cases (or interleaved streams).
 - `split_held_out`: the rows of the held-out templates, which instruction tuning leaves to a LoRA fine-tuning task.
 
 Every answer is one word from a closed set (`QUESTION_TEMPLATES[name].answers`), so accuracy is exact match. The
@@ -19,6 +20,7 @@ except ImportError as error:
     raise ImportError("deepseekv3.data needs the `datasets` library: pip install 'deepseekv3[train]'") from error
 
 from .conversations import check_conversations, load_conversations
+from .mixing import mix_datasets
 from .multimodal import MULTIMODAL_FEATURES, build_multimodal_dataset, build_text_corpus
 from .questions import (
     COLORS,
@@ -58,6 +60,7 @@ __all__ = [
     "check_conversations",
     "build_messages",
     "build_multimodal_dataset",
+    "mix_datasets",
     "build_shapes_dataset",
     "build_text_corpus",
     "build_tones_dataset",
