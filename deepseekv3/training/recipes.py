@@ -64,6 +64,17 @@ class StageArguments:
         },
     )
     eval_dataset_split: str = field(default="validation", metadata={"help": "the split of --eval_dataset"})
+    edge_dataset: str = field(
+        default="",
+        metadata={
+            "help": "edge cases to mix into --dataset (as --dataset, the same columns): --edge_fraction of the "
+            "training rows come from it (deepseekv3.data.mix_datasets)"
+        },
+    )
+    edge_dataset_split: str = field(default="train", metadata={"help": "the split of --edge_dataset"})
+    edge_fraction: float = field(
+        default=0.2, metadata={"help": "share of edge cases in the mix, in [0, 1) (the seed's 80/20)"}
+    )
     question_column: str = field(default="question", metadata={"help": "--dataset rows without messages: question"})
     answer_column: str = field(default="answer", metadata={"help": "--dataset rows without messages: answer"})
     image_column: str = field(default="image", metadata={"help": "--dataset rows without messages: image"})

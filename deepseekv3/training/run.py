@@ -12,13 +12,16 @@ from collections.abc import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
+from transformers.utils import logging
 
-from ..data import build_multimodal_dataset, build_text_corpus, load_conversations
+from ..data import build_multimodal_dataset, build_text_corpus, load_conversations, mix_datasets
 from ..tokenization import train_tokenizer
 from .collators import encode_conversations, encode_rows
 from .demo import DemoSettings, build_demo_model
 from .evaluation import ExactMatchCallback, last_reply
 from .recipes import StageArguments, build_stage_trainer, select_stage_examples
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["SHORT_REPLY_WORDS", "load_saved_model", "parse_train_arguments", "run_training"]
 
@@ -57,6 +60,8 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
         )
     if stage_args.eval_dataset and not stage_args.dataset:
         raise ValueError("--eval_dataset evaluates training on your own data: pass --dataset too")
+    if stage_args.edge_dataset and not stage_args.dataset:
+        raise ValueError("--edge_dataset mixes edge cases into your own data: pass --dataset too")
     if stage_args.dataset and stage_args.stage not in ("instruct", "lora"):
         raise ValueError(
             f"--dataset trains the instruct and lora stages; --stage {stage_args.stage} needs what only the built-in "
@@ -70,6 +75,14 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
     columns = (stage_args.question_column, stage_args.answer_column, stage_args.image_column, stage_args.audio_column)
     # read and checked before any model is built
     own = load_conversations(stage_args.dataset, stage_args.dataset_split, *columns) if stage_args.dataset else None
+    if stage_args.edge_dataset:
+        edge = load_conversations(stage_args.edge_dataset, stage_args.edge_dataset_split, *columns)
+        core_rows = len(own)
+        own = mix_datasets(own, edge, stage_args.edge_fraction, seed=training_args.seed)
+        logger.warning(
+            f"training on {core_rows} rows of --dataset and {len(own) - core_rows} edge cases drawn from the "
+            f"{len(edge)} of --edge_dataset (edge_fraction {stage_args.edge_fraction})"
+        )
     own_eval = (
         load_conversations(stage_args.eval_dataset, stage_args.eval_dataset_split, *columns)
         if stage_args.eval_dataset

@@ -313,13 +313,18 @@ def test_train_command_fine_tunes_on_your_own_json_lines(tmp_path):
         Image.new("RGB", (24, 24), color).save(tmp_path / "pictures" / f"{index}.png")
         lines.append(json.dumps({"question": "what colour is it?", "answer": name, "image": f"pictures/{index}.png"}))
     (tmp_path / "mine.jsonl").write_text("\n".join(lines))
+    edge = [json.dumps({"question": "what colour is it?", "answer": "red", "image": "pictures/0.png"})] * 3
+    (tmp_path / "edge.jsonl").write_text("\n".join(edge))
 
     evaluation = ("--eval_dataset", str(tmp_path / "mine.jsonl"), "--eval_strategy", "steps", "--eval_steps", "2")
     packed = ("--packing_max_tokens", "128")
-    result = _run(
-        _train_command(tmp_path / "out", "instruct", "--dataset", str(tmp_path / "mine.jsonl"), *evaluation, *packed)
-    )
+    mixed = ("--edge_dataset", str(tmp_path / "edge.jsonl"), "--edge_fraction", "0.2")
+    own = ("--dataset", str(tmp_path / "mine.jsonl"))
+    result = _run(_train_command(tmp_path / "out", "instruct", *own, *evaluation, *packed, *mixed))
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.use_image_input
+    # 8 rows of your own and round(8 * 0.2 / 0.8) = 2 edge cases
+    assert "training on 8 rows of --dataset and 2 edge cases drawn from the 3 of --edge_dataset" in result.stderr
+    assert "pass --dataset too" in _refused(_train_command(tmp_path / "never", "instruct", *mixed))
     # the evaluation loss, and the exact match of greedy replies (the references are one word)
     assert "'eval_loss'" in result.stdout + result.stderr
     assert "step 2: exact match of greedy replies" in result.stderr
