@@ -77,9 +77,10 @@ def train_tokenizer(
         min_frequency (`int`, *optional*, defaults to 2): a pair is merged only if it occurs at least this often.
 
     Returns:
-        `PreTrainedTokenizerFast`: pads with `<pad>` on the right and exposes `image_token` / `audio_token` (and
-        their ids) for the processor. `<s>` comes from the chat template alone, so a rendered conversation tokenizes
-        to exactly one `<s>` however it is tokenized (`add_special_tokens` adds nothing); plain text gets none.
+        `PreTrainedTokenizerFast`: pads with `<pad>` on the left (batched generation) and exposes `image_token` /
+        `audio_token` (and their ids) for the processor. `<s>` comes from the chat template alone, so a rendered
+        conversation tokenizes to exactly one `<s>` however it is tokenized (`add_special_tokens` adds nothing);
+        plain text gets none.
     """
     smallest = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
     if vocab_size < smallest:
@@ -113,7 +114,9 @@ def _wrap_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
         extra_special_tokens={"image_token": IMAGE_TOKEN, "audio_token": AUDIO_TOKEN},
         additional_special_tokens=list(CHAT_TOKENS),
         chat_template=CHAT_TEMPLATE,
-        padding_side="right",
+        # generation (TRL's GRPO, pipelines, batched `generate`) needs prompts padded on the left; the training
+        # collators pad on the right themselves
+        padding_side="left",
     )
 
 

@@ -195,7 +195,13 @@ def _chat_batch(processor, conversations, rate) -> tuple[Any, torch.Tensor]:
         tokenize=True,
         return_dict=True,
         return_assistant_tokens_mask=True,
-        processor_kwargs={"return_tensors": "pt", "padding": True, "sampling_rate": rate, "resample_audio": True},
+        processor_kwargs={
+            "return_tensors": "pt",
+            "padding": True,
+            "padding_side": "right",  # each row is cut back to its own tokens below
+            "sampling_rate": rate,
+            "resample_audio": True,
+        },
     )
     return batch, processor.build_assistant_labels(batch["input_ids"], batch["assistant_masks"])
 
