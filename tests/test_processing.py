@@ -86,6 +86,7 @@ def test_each_placeholder_expands_to_the_tokens_the_model_consumes(processor):
         images=[_image(0), _image(1), _image(2)],
         audio=[short, long],
         padding=True,
+        padding_side="right",
         return_tensors="pt",
     )
     assert set(out) == {
@@ -141,7 +142,13 @@ def test_a_rendered_chat_template_tokenizes_to_exactly_one_bos_on_every_path(pro
 def test_a_clip_gets_the_same_tokens_and_features_alone_or_batched_with_a_longer_clip(processor):
     clip = _clip(1000)
     alone = processor(text="<audio>", audio=clip, return_tensors="pt")
-    batched = processor(text=["<audio>", "<audio>"], audio=[clip, _clip(4000, 1)], padding=True, return_tensors="pt")
+    batched = processor(
+        text=["<audio>", "<audio>"],
+        audio=[clip, _clip(4000, 1)],
+        padding=True,
+        padding_side="right",
+        return_tensors="pt",
+    )
     frames = int(alone["input_features_mask"].sum())
     assert int(batched["input_features_mask"][0].sum()) == frames
     torch.testing.assert_close(batched["input_features"][0, :, :frames], alone["input_features"][0, :, :frames])
