@@ -71,11 +71,15 @@ def test_grpo_trainer_runs_our_model_and_processor_on_image_prompts_of_different
         output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, num_generations=4,
         max_completion_length=6, learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no",
         disable_tqdm=True, gradient_checkpointing=False, logging_steps=1,
+        # TRL suppresses the image placeholder alone; keep the model's own list (image and audio placeholders)
+        generation_kwargs={"suppress_tokens": model.generation_config.suppress_tokens},
     )  # fmt: skip
     trainer = GRPOTrainer(
         model=model, args=args, reward_funcs=[reward_letter_e], train_dataset=Dataset.from_list(rows),
         processing_class=processor,
     )  # fmt: skip
+    placeholders = [processor.tokenizer.convert_tokens_to_ids(token) for token in ("<image>", "<audio>")]
+    assert sorted(trainer.generation_config.suppress_tokens) == sorted(placeholders)
     before = [parameter.detach().clone() for parameter in model.parameters()]
     trainer.train()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
