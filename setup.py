@@ -9,7 +9,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["deepseekv3", "deepseekv3.*"]),
-    python_requires=">=3.10",
+    # transformers 5.24 (pinned below), numpy 2.4 and trl 1.16 (GRPO, DPO) need Python 3.11 or newer
+    python_requires=">=3.11",
     install_requires=[
         "torch>=2.6",
         "transformers>=5.24,<5.25",
