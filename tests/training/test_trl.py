@@ -12,6 +12,7 @@ from deepseekv3.tokenization import train_tokenizer
 from deepseekv3.training.demo import DemoSettings, build_demo_model
 
 
+# TRL 1.16's SFTConfig sets `gradient_checkpointing`, which transformers 5.24 deprecates for activation_checkpointing
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 def test_sft_trainer_trains_on_the_assistant_replies_of_image_conversations(tmp_path):
     settings = DemoSettings(hidden_size=48, num_hidden_layers=2)
@@ -43,6 +44,8 @@ def test_sft_trainer_trains_on_the_assistant_replies_of_image_conversations(tmp_
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+# TRL 1.16's GRPOConfig sets `gradient_checkpointing` and its trainer reads `is_gradient_checkpointing`; transformers
+# 5.24 deprecates both names (in favour of activation_checkpointing), and the suite turns warnings into errors
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_grpo_trainer_runs_our_model_and_processor_on_image_prompts_of_different_lengths(tmp_path):
