@@ -17,8 +17,9 @@ __all__ = ["mix_datasets"]
 
 def _passes(size: int, count: int, rng: np.random.Generator) -> np.ndarray:
     """`count` indices into a source of `size` rows: seeded full permutations, the last one cut short."""
-    rounds = math.ceil(count / size) if count else 0
-    return np.concatenate([rng.permutation(size) for _ in range(rounds)] or [np.zeros(0, dtype=np.int64)])[:count]
+    if not count:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([rng.permutation(size) for _ in range(math.ceil(count / size))])[:count]
 
 
 def mix_datasets(
