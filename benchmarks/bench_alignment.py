@@ -141,9 +141,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--workers", type=int, default=2, help="runs at a time, one torch thread each")
+    parser.add_argument(
+        "--initializer_range", type=float, default=DemoSettings.initializer_range, help="std of the initial weights"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_PATH)
     args = parser.parse_args(argv)
-    settings = asdict(DemoSettings(eval_per_type=None, baseline=False))
+    settings = asdict(DemoSettings(eval_per_type=None, baseline=False, initializer_range=args.initializer_range))
     started = time.perf_counter()
     runs = []
     jobs = [(variant, seed) for seed in args.seeds for variant in args.variants]

@@ -99,6 +99,10 @@ class DemoSettings:
     # each image's patches attend to one another both ways (validation, 1,500 steps of instruction tuning at 3e-3:
     # shape 0.41 and count 0.92 with it, 0.30 and 0.83 without)
     bidirectional_media_attention: bool = True
+    # std of the decoder's initial weights (transformers' `initializer_range`). 0.02 is the DeepSeek-V3 config's
+    # default; `bench_shape_reading` finds the demo model cannot learn to look an object up at 0.02 and can at about
+    # 1 / sqrt(hidden_size) = 0.1; `bench_alignment --initializer_range 0.1` compares the two on the whole demo
+    initializer_range: float = 0.02
 
     @classmethod
     def quick(cls, **overrides: Any) -> "DemoSettings":
@@ -148,6 +152,7 @@ def demo_config(tokenizer, settings: DemoSettings) -> DeepseekV3MultimodalConfig
         audio_token_id=tokenizer.convert_tokens_to_ids("<audio>"),
         num_modality_types=3,
         contrastive_projection_dim=64,
+        initializer_range=settings.initializer_range,
     )
 
 
