@@ -23,16 +23,26 @@ from ..configuration_deepseekv3 import DeepseekV3MultimodalConfig
 from .collators import ContrastiveCollator, DistillationCollator, InstructionCollator
 from .trainer import DeepseekV3Trainer
 
-__all__ = ["STAGES", "StageArguments", "build_stage_trainer", "select_stage_examples"]
+__all__ = ["STAGES", "StageArguments", "TRAIN_STAGES", "build_stage_trainer", "select_stage_examples"]
 
 STAGES = ("contrastive", "distill", "instruct", "lora")
+# what `deepseekv3 train --stage` runs: the recipes above, and reinforcement learning with TRL's GRPOTrainer
+# (`deepseekv3.training.rl`)
+TRAIN_STAGES = (*STAGES, "grpo")
 
 
 @dataclass
 class StageArguments:
     """What to train; parsed with `HfArgumentParser` next to `TrainingArguments`."""
 
-    stage: str = field(default="instruct", metadata={"help": "stage to run", "choices": STAGES})
+    stage: str = field(
+        default="instruct",
+        metadata={
+            "help": "stage to run; grpo (TRL's GRPOTrainer, every GRPOConfig option) improves an instruction-tuned "
+            "--model_name_or_path on image questions with exact-match and one-word rewards",
+            "choices": TRAIN_STAGES,
+        },
+    )
     model_name_or_path: str = field(
         default="", metadata={"help": "saved model + processor folder to start from (empty: build the demo model)"}
     )
@@ -50,8 +60,8 @@ class StageArguments:
     dataset: str = field(
         default="",
         metadata={
-            "help": "your own data for instruct / lora: a save_to_disk folder, a .jsonl file, an image folder with "
-            "metadata.jsonl, or a load_dataset name (empty: the built-in data)"
+            "help": "your own data for instruct / lora / grpo: a save_to_disk folder, a .jsonl file, an image folder "
+            "with metadata.jsonl, or a load_dataset name (empty: the built-in data)"
         },
     )
     dataset_split: str = field(default="train", metadata={"help": "the split of --dataset to train on"})
