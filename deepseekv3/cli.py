@@ -2,7 +2,7 @@
 
 deepseekv3 convert SRC DST
 deepseekv3 demo [--output ./outputs/demo] [--quick]
-deepseekv3 train --stage {contrastive,distill,instruct,lora,grpo} --output_dir DIR [any TrainingArguments option]
+deepseekv3 train --stage {contrastive,distill,instruct,lora,grpo,dpo} --output_dir DIR [any TrainingArguments option]
 deepseekv3 serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--lite-model DIR] [--max-batch-size 16] ...
 """
 
@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser(
         "train",
-        help="run one stage (--stage contrastive|distill|instruct|lora|grpo) with Trainer; every TrainingArguments "
-        "option",
+        help="run one stage (--stage contrastive|distill|instruct|lora|grpo|dpo) with Trainer; every "
+        "TrainingArguments option",
         add_help=False,
     )
     return parser

@@ -26,9 +26,9 @@ from .trainer import DeepseekV3Trainer
 __all__ = ["STAGES", "StageArguments", "TRAIN_STAGES", "build_stage_trainer", "select_stage_examples"]
 
 STAGES = ("contrastive", "distill", "instruct", "lora")
-# what `deepseekv3 train --stage` runs: the recipes above, and reinforcement learning with TRL's GRPOTrainer
-# (`deepseekv3.training.rl`)
-TRAIN_STAGES = (*STAGES, "grpo")
+# what `deepseekv3 train --stage` runs: the recipes above, and reinforcement learning with TRL's GRPOTrainer and
+# DPOTrainer (`deepseekv3.training.rl`)
+TRAIN_STAGES = (*STAGES, "grpo", "dpo")
 
 
 @dataclass
@@ -39,7 +39,8 @@ class StageArguments:
         default="instruct",
         metadata={
             "help": "stage to run; grpo (TRL's GRPOTrainer, every GRPOConfig option) improves an instruction-tuned "
-            "--model_name_or_path on image questions with exact-match and one-word rewards",
+            "--model_name_or_path on image questions with exact-match and one-word rewards; dpo (TRL's DPOTrainer, "
+            "every DPOConfig option) on the questions it answers wrong, the reference answer preferred to its reply",
             "choices": TRAIN_STAGES,
         },
     )
@@ -60,8 +61,8 @@ class StageArguments:
     dataset: str = field(
         default="",
         metadata={
-            "help": "your own data for instruct / lora / grpo: a save_to_disk folder, a .jsonl file, an image folder "
-            "with metadata.jsonl, or a load_dataset name (empty: the built-in data)"
+            "help": "your own data for instruct / lora / grpo / dpo: a save_to_disk folder, a .jsonl file, an image "
+            "folder with metadata.jsonl, or a load_dataset name (empty: the built-in data)"
         },
     )
     dataset_split: str = field(default="train", metadata={"help": "the split of --dataset to train on"})

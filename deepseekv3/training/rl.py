@@ -1,4 +1,5 @@
-"""Reinforcement learning on output quality: TRL's `GRPOTrainer`, unmodified, with verifiable rewards.
+"""Reinforcement learning on output quality with TRL's trainers, unmodified: `GRPOTrainer` with verifiable rewards,
+and `DPOTrainer` on preference pairs made of the model's own wrong replies.
 
 The policy is an instruction-tuned model; each prompt is a question about an image, and each of its sampled replies
 is rewarded by two functions of TRL's reward interface (`(completions, **columns) -> list[float]`):
@@ -10,6 +11,11 @@ is rewarded by two functions of TRL's reward interface (`(completions, **columns
 `grpo_dataset` turns conversations (`deepseekv3.data.load_conversations` rows) into TRL's prompt rows, and
 `build_grpo_trainer` sets up a `GRPOTrainer` on our model and processor. `deepseekv3 train --stage grpo` runs it
 from the command line, with every `GRPOConfig` option.
+
+`preference_pairs` asks the model every question greedily (as users ask it) and keeps those it answers wrong: the
+reference answer is `chosen`, the model's own reply `rejected`. `build_dpo_trainer` sets up a `DPOTrainer` on them
+against a frozen reference model (`deepseekv3 train --stage dpo` loads it again from `--model_name_or_path`; a PEFT
+model needs none, its adapter switched off is the reference).
 """
 
 import re
@@ -20,11 +26,19 @@ from datasets import Dataset
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .evaluation import last_reply
+from .evaluation import generate_conversation_replies, last_reply
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["DEFAULT_REWARD_FUNCS", "build_grpo_trainer", "exact_match_reward", "grpo_dataset", "one_word_reward"]
+__all__ = [
+    "DEFAULT_REWARD_FUNCS",
+    "build_dpo_trainer",
+    "build_grpo_trainer",
+    "exact_match_reward",
+    "grpo_dataset",
+    "one_word_reward",
+    "preference_pairs",
+]
 
 _ONE_WORD = re.compile(r"[^\W\d_]+")
 
@@ -63,6 +77,35 @@ def one_word_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
 DEFAULT_REWARD_FUNCS: tuple[Callable[..., list[float]], ...] = (exact_match_reward, one_word_reward)
 
 
+def _image_conversations(conversations: Dataset, stage: str) -> Dataset:
+    """The conversations with an image and no audio (TRL's GRPO and DPO trainers pass images to the processor, not
+    audio); the others are left out with a warning."""
+    missing = sorted({"messages", "images", "audios"} - set(conversations.column_names))
+    if missing:
+        raise ValueError(
+            f"conversations need the columns {missing} (load them with deepseekv3.data.load_conversations)"
+        )
+    keep = [index for index, (images, audios) in enumerate(zip(conversations["images"], conversations["audios"]))
+            if images and not audios]  # fmt: skip
+    if not keep:
+        raise ValueError(
+            f"none of the {len(conversations)} conversations has an image and no audio: the {stage} stage trains on "
+            f"image questions (TRL's {stage.upper()}Trainer passes images to the processor, not audio)"
+        )
+    if len(keep) < len(conversations):
+        logger.warning(
+            f"{stage.upper()}: {len(conversations) - len(keep)} of {len(conversations)} conversations left out "
+            "(audio, or no image)"
+        )
+    return conversations.select(keep)
+
+
+def _prompt(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The messages before the last assistant turn."""
+    last = max(index for index, message in enumerate(row["messages"]) if message["role"] == "assistant")
+    return row["messages"][:last]
+
+
 def grpo_dataset(conversations: Dataset) -> Dataset:
     """TRL prompt rows from conversations with images: `prompt` (the messages before the last reply), `images` and
     `answer` (the last reply's text, the reference `exact_match_reward` reads).
@@ -75,30 +118,10 @@ def grpo_dataset(conversations: Dataset) -> Dataset:
     Raises:
         `ValueError`: no row has an image and no audio.
     """
-    missing = sorted({"messages", "images", "audios"} - set(conversations.column_names))
-    if missing:
-        raise ValueError(
-            f"conversations need the columns {missing} (load them with deepseekv3.data.load_conversations)"
-        )
-    keep = [index for index, (images, audios) in enumerate(zip(conversations["images"], conversations["audios"]))
-            if images and not audios]  # fmt: skip
-    if not keep:
-        raise ValueError(
-            f"none of the {len(conversations)} conversations has an image and no audio: the GRPO stage trains on "
-            "image questions (TRL's GRPOTrainer passes images to the processor, not audio)"
-        )
-    if len(keep) < len(conversations):
-        logger.warning(
-            f"GRPO: {len(conversations) - len(keep)} of {len(conversations)} conversations left out (audio, or no "
-            "image)"
-        )
-    kept = conversations.select(keep)
-
-    def to_prompt(row: dict[str, Any]) -> dict[str, Any]:
-        last = max(index for index, message in enumerate(row["messages"]) if message["role"] == "assistant")
-        return {"prompt": row["messages"][:last], "answer": last_reply(row)}
-
-    return kept.map(to_prompt, remove_columns=["messages", "audios"])
+    kept = _image_conversations(conversations, "grpo")
+    return kept.map(
+        lambda row: {"prompt": _prompt(row), "answer": last_reply(row)}, remove_columns=["messages", "audios"]
+    )
 
 
 def build_grpo_trainer(
@@ -138,6 +161,79 @@ def build_grpo_trainer(
         reward_funcs=list(reward_funcs),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
+        processing_class=processor,
+        callbacks=list(callbacks),
+    )
+
+
+def preference_pairs(
+    model: PreTrainedModel, processor: Any, conversations: Dataset, batch_size: int = 16, max_new_tokens: int = 8
+) -> Dataset:
+    """DPO rows from the questions the model answers wrong: `prompt`, `chosen` (the reference reply), `rejected`
+    (the model's greedy reply, as `generate_conversation_replies` gives it) and `images`.
+
+    Args:
+        model: the model to improve (asked in eval mode, left in the mode it was in).
+        processor: its processor.
+        conversations (`datasets.Dataset`): `load_conversations` rows; rows with audio are left out.
+        batch_size, max_new_tokens (`int`): as in `generate_conversation_replies`.
+
+    Raises:
+        `ValueError`: no image conversation, or the model answers every one right (nothing to prefer).
+    """
+    kept = _image_conversations(conversations, "dpo")
+    replies = generate_conversation_replies(model, processor, kept, batch_size, max_new_tokens, progress=False)
+    wrong = [index for index, reply in enumerate(replies)
+             if reply.strip().casefold() != last_reply(kept[index]).casefold()]  # fmt: skip
+    if not wrong:
+        raise ValueError(f"the model answers all {len(kept)} questions right: there is nothing to prefer")
+    logger.warning(f"DPO: {len(wrong)} preference pairs from the {len(kept)} questions the model answers wrong")
+
+    def to_pair(row: dict[str, Any], index: int) -> dict[str, Any]:
+        return {
+            "prompt": _prompt(row),
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": last_reply(row)}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": replies[index]}]}],
+        }
+
+    pairs = kept.map(to_pair, with_indices=True, remove_columns=["messages", "audios"])
+    return pairs.select(wrong)
+
+
+def build_dpo_trainer(
+    model: PreTrainedModel,
+    processor: Any,
+    train_dataset: Dataset,
+    args: Any,
+    ref_model: PreTrainedModel | None = None,
+    callbacks: Sequence[Any] = (),
+):
+    """A `trl.DPOTrainer` on our model and processor.
+
+    Args:
+        model: a `DeepseekV3MultimodalForConditionalGeneration`, or a PEFT model around one.
+        processor: its processor.
+        train_dataset (`datasets.Dataset`): `preference_pairs` rows.
+        args (`trl.DPOConfig`): the trainer's arguments (`beta`, `loss_type`, ...).
+        ref_model: the frozen reference, usually the same checkpoint loaded again. Required unless `model` is a PEFT
+            model (TRL then switches the adapter off for the reference pass); TRL alone would reload the reference
+            from the config's `_name_or_path`, which an in-memory model does not have.
+        callbacks: `TrainerCallback`s.
+    """
+    from peft import PeftModel
+    from trl import DPOTrainer
+
+    if ref_model is None and not isinstance(model, PeftModel):
+        raise ValueError(
+            "pass ref_model (the starting checkpoint, frozen) or a PEFT model, whose base is the reference"
+        )
+    if ref_model is not None:
+        ref_model.eval().requires_grad_(False)
+    return DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=train_dataset,
         processing_class=processor,
         callbacks=list(callbacks),
     )

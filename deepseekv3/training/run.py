@@ -1,9 +1,9 @@
 """`deepseekv3 train`: run one stage through `Trainer`, from a saved model or from scratch, on the built-in data or,
-for `instruct`, `lora` and `grpo`, on your own (`--dataset`: `deepseekv3.data.load_conversations`).
+for `instruct`, `lora`, `grpo` and `dpo`, on your own (`--dataset`: `deepseekv3.data.load_conversations`).
 
-Arguments parse with `HfArgumentParser`, so every `TrainingArguments` option (every `trl.GRPOConfig` option with
-`--stage grpo`) is available next to `StageArguments`; the same entry point runs under
-`accelerate launch -m deepseekv3.cli train ...`. The trained model and its processor are saved to `--output_dir`;
+Arguments parse with `HfArgumentParser`, so every `TrainingArguments` option (every `trl.GRPOConfig` or
+`trl.DPOConfig` option with `--stage grpo` or `dpo`) is available next to `StageArguments`; the same entry point runs
+under `accelerate launch -m deepseekv3.cli train ...`. The trained model and its processor are saved to `--output_dir`;
 `--resume_from_checkpoint` continues an interrupted run exactly.
 `--stage lora` saves the PEFT adapter (`adapter_config.json` and its weights, for `PeftModel.from_pretrained` on the
 base model given by `--model_name_or_path`) and the processor; with `--merge`, the model with the adapter merged in.
@@ -32,13 +32,13 @@ SHORT_REPLY_WORDS = 5
 
 def parse_train_arguments(argv: Sequence[str] | None = None) -> tuple[StageArguments, TrainingArguments]:
     """`StageArguments` and `TrainingArguments` from the command line (`--stage`, `--output_dir`, ...); with
-    `--stage grpo`, `trl.GRPOConfig` (a `TrainingArguments` with TRL's GRPO options) instead."""
+    `--stage grpo` or `dpo`, `trl.GRPOConfig` or `trl.DPOConfig` (`TrainingArguments` with TRL's options) instead."""
     stage = HfArgumentParser(StageArguments).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[0]
     arguments_class = TrainingArguments
-    if stage.stage == "grpo":
-        from trl import GRPOConfig
+    if stage.stage in ("grpo", "dpo"):
+        import trl
 
-        arguments_class = GRPOConfig
+        arguments_class = {"grpo": trl.GRPOConfig, "dpo": trl.DPOConfig}[stage.stage]
     parser = HfArgumentParser((StageArguments, arguments_class))
     stage_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     # the collators read fields the forward does not take
@@ -70,15 +70,15 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
         raise ValueError("--eval_dataset evaluates training on your own data: pass --dataset too")
     if stage_args.edge_dataset and not stage_args.dataset:
         raise ValueError("--edge_dataset mixes edge cases into your own data: pass --dataset too")
-    if stage_args.stage == "grpo" and not stage_args.model_name_or_path:
+    if stage_args.stage in ("grpo", "dpo") and not stage_args.model_name_or_path:
         raise ValueError(
-            "--stage grpo improves an instruction-tuned model: pass its folder as --model_name_or_path (rewards of an "
-            "untrained model's replies are all 0, so there is nothing to learn from)"
+            f"--stage {stage_args.stage} improves an instruction-tuned model: pass its folder as --model_name_or_path "
+            "(an untrained model's replies are all wrong, so there is nothing to learn from)"
         )
-    if stage_args.dataset and stage_args.stage not in ("instruct", "lora", "grpo"):
+    if stage_args.dataset and stage_args.stage not in ("instruct", "lora", "grpo", "dpo"):
         raise ValueError(
-            f"--dataset trains the instruct, lora and grpo stages; --stage {stage_args.stage} needs what only the "
-            "built-in data has (captions for contrastive, object boxes for distill)"
+            f"--dataset trains the instruct, lora, grpo and dpo stages; --stage {stage_args.stage} needs what only "
+            "the built-in data has (captions for contrastive, object boxes for distill)"
         )
     if stage_args.packing_max_tokens and stage_args.stage not in ("instruct", "lora"):
         raise ValueError(
@@ -107,8 +107,8 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
         settings = DemoSettings(seed=training_args.seed)
         corpus = build_text_corpus(stage_args.num_images, stage_args.num_clips, stage_args.dataset_seed)
         model, processor = build_demo_model(train_tokenizer(corpus, vocab_size=settings.vocab_size), settings)
-    if stage_args.stage == "grpo":
-        return _run_grpo(stage_args, training_args, model, processor, own, own_eval)
+    if stage_args.stage in ("grpo", "dpo"):
+        return _run_reinforcement(stage_args, training_args, model, processor, own, own_eval)
     if own is not None:
         examples = encode_conversations(processor, own)
     else:
@@ -143,10 +143,10 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
     return training_args.output_dir
 
 
-def _run_grpo(stage_args, training_args, model, processor, own, own_eval) -> str:
-    """`--stage grpo`: TRL's GRPOTrainer on image questions (your own, or the built-in training split's seen
-    question types), rewarded by exact match and a one-word format."""
-    from .rl import build_grpo_trainer, grpo_dataset
+def _run_reinforcement(stage_args, training_args, model, processor, own, own_eval) -> str:
+    """`--stage grpo` or `dpo` (TRL's trainers) on image questions: your own, or the built-in training split's seen
+    question types."""
+    from .rl import build_dpo_trainer, build_grpo_trainer, grpo_dataset, preference_pairs
 
     if own is None:
         rows = build_multimodal_dataset(stage_args.num_images, stage_args.num_clips, seed=stage_args.dataset_seed)
@@ -157,14 +157,20 @@ def _run_grpo(stage_args, training_args, model, processor, own, own_eval) -> str
     callbacks = []
     if own_eval is not None and all(len(last_reply(row).split()) <= SHORT_REPLY_WORDS for row in own_eval):
         callbacks.append(ExactMatchCallback(processor, own_eval))
-    trainer = build_grpo_trainer(
-        model,
-        processor,
-        grpo_dataset(own),
-        training_args,
-        eval_dataset=grpo_dataset(own_eval) if own_eval is not None else None,
-        callbacks=callbacks,
-    )
+    if stage_args.stage == "grpo":
+        trainer = build_grpo_trainer(
+            model,
+            processor,
+            grpo_dataset(own),
+            training_args,
+            eval_dataset=grpo_dataset(own_eval) if own_eval is not None else None,
+            callbacks=callbacks,
+        )
+    else:
+        reference, _ = load_saved_model(stage_args.model_name_or_path)
+        trainer = build_dpo_trainer(
+            model, processor, preference_pairs(model, processor, own), training_args, reference, callbacks
+        )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.is_world_process_zero():
         model.save_pretrained(training_args.output_dir)

@@ -1,10 +1,11 @@
-"""The GRPO stage: its verifiable rewards, its prompt rows, and `deepseekv3 train --stage grpo` through TRL's own
-GRPOTrainer."""
+"""The reinforcement stages: GRPO's verifiable rewards and prompt rows, DPO's preference pairs, and
+`deepseekv3 train --stage grpo / dpo` through TRL's own trainers."""
 
 import json
 import logging
 
 import pytest
+import torch
 from datasets import Dataset
 from PIL import Image
 from test_recipes import _refused, _run, _train_command
@@ -13,7 +14,15 @@ from transformers import AutoModelForCausalLM
 from deepseekv3.data import build_text_corpus, load_conversations
 from deepseekv3.tokenization import train_tokenizer
 from deepseekv3.training.demo import DemoSettings, build_demo_model
-from deepseekv3.training.rl import build_grpo_trainer, exact_match_reward, grpo_dataset, one_word_reward
+from deepseekv3.training.evaluation import generate_conversation_replies
+from deepseekv3.training.rl import (
+    build_dpo_trainer,
+    build_grpo_trainer,
+    exact_match_reward,
+    grpo_dataset,
+    one_word_reward,
+    preference_pairs,
+)
 
 
 def _reply(text: str) -> list[dict]:
@@ -36,10 +45,10 @@ def test_one_word_reward_wants_a_single_word_of_letters():
     assert one_word_reward(completions) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
 
 
-def _conversations(with_audio: bool = False) -> Dataset:
+def _conversations(with_audio: bool = False, answers=("red", "blue")) -> Dataset:
     rows = [
         {"question": "what colour is it?", "answer": name, "image": Image.new("RGB", (24, 24), rgb)}
-        for name, rgb in [("red", (220, 30, 30)), ("blue", (30, 30, 220))]
+        for name, rgb in zip(answers, [(220, 30, 30), (30, 30, 220)], strict=True)
     ]
     if with_audio:
         rows.append({"question": "how many tones?", "answer": "two", "audio": {"array": [0.0] * 800,
@@ -83,6 +92,38 @@ def test_grpo_trainer_keeps_both_media_placeholders_out_of_replies(tmp_path):
         build_grpo_trainer(model, processor, grpo_dataset(_conversations()), args)
 
 
+def _tiny_model():
+    torch.manual_seed(0)
+    settings = DemoSettings(hidden_size=48, num_hidden_layers=2)
+    return build_demo_model(train_tokenizer(build_text_corpus(24, 12, 0), vocab_size=320), settings)
+
+
+def test_preference_pairs_prefer_the_reference_to_the_models_own_wrong_replies():
+    model, processor = _tiny_model()
+    replies = generate_conversation_replies(model, processor, _conversations(), progress=False, max_new_tokens=8)
+    assert all(replies), replies  # the untrained model says something to each
+    # the first question's reference is what the model replies: only the second is answered wrong
+    conversations = _conversations(with_audio=True, answers=(replies[0], "blue"))
+    pairs = preference_pairs(model, processor, conversations)
+    assert len(pairs) == 1 and len(pairs[0]["images"]) == 1
+    assert pairs[0]["chosen"] == [{"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]
+    assert pairs[0]["rejected"][0]["content"][0]["text"] == replies[1] != "blue"
+    assert [message["role"] for message in pairs[0]["prompt"]] == ["user"]
+    with pytest.raises(ValueError, match="nothing to prefer"):
+        preference_pairs(model, processor, _conversations(answers=tuple(replies)))
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+def test_dpo_trainer_needs_a_reference_model_unless_peft_gives_one(tmp_path):
+    from trl import DPOConfig
+
+    model, processor = _tiny_model()
+    pairs = preference_pairs(model, processor, _conversations())
+    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="ref_model"):
+        build_dpo_trainer(model, processor, pairs, args)
+
+
 def test_train_command_runs_grpo_on_an_instruct_model_with_the_rewards(tmp_path):
     base = tmp_path / "base"
     _run(_train_command(base, "instruct"))
@@ -100,3 +141,14 @@ def test_train_command_runs_grpo_on_an_instruct_model_with_the_rewards(tmp_path)
         assert AutoModelForCausalLM.from_pretrained(tmp_path / "grpo").config.use_image_input
     assert "--model_name_or_path" in _refused(_train_command(tmp_path / "never", "grpo", "--num_generations", "4"))
     assert not (tmp_path / "never").exists()
+
+
+def test_train_command_runs_dpo_on_the_questions_the_model_answers_wrong(tmp_path):
+    base = tmp_path / "base"
+    _run(_train_command(base, "instruct"))
+    dpo = ("--model_name_or_path", str(base), "--logging_steps", "1", "--learning_rate", "1e-3")
+    result = _run(_train_command(tmp_path / "dpo", "dpo", *dpo))
+    logged = result.stdout + result.stderr
+    assert "preference pairs from the" in logged and "'rewards/margins'" in logged
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "dpo").config.use_image_input
+    assert "--model_name_or_path" in _refused(_train_command(tmp_path / "never", "dpo"))
