@@ -187,17 +187,16 @@ def preference_pairs(
              if reply.strip().casefold() != last_reply(kept[index]).casefold()]  # fmt: skip
     if not wrong:
         raise ValueError(f"the model answers all {len(kept)} questions right: there is nothing to prefer")
-    logger.warning(f"DPO: {len(wrong)} preference pairs from the {len(kept)} questions the model answers wrong")
+    logger.warning(f"DPO: {len(wrong)} preference pairs, one per question the model answers wrong (of {len(kept)})")
 
     def to_pair(row: dict[str, Any], index: int) -> dict[str, Any]:
         return {
             "prompt": _prompt(row),
             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": last_reply(row)}]}],
-            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": replies[index]}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": replies[wrong[index]]}]}],
         }
 
-    pairs = kept.map(to_pair, with_indices=True, remove_columns=["messages", "audios"])
-    return pairs.select(wrong)
+    return kept.select(wrong).map(to_pair, with_indices=True, remove_columns=["messages", "audios"])
 
 
 def build_dpo_trainer(

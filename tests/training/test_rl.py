@@ -149,6 +149,6 @@ def test_train_command_runs_dpo_on_the_questions_the_model_answers_wrong(tmp_pat
     dpo = ("--model_name_or_path", str(base), "--logging_steps", "1", "--learning_rate", "1e-3")
     result = _run(_train_command(tmp_path / "dpo", "dpo", *dpo))
     logged = result.stdout + result.stderr
-    assert "preference pairs from the" in logged and "'rewards/margins'" in logged
+    assert "preference pairs, one per question the model answers wrong" in logged and "'rewards/margins'" in logged
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "dpo").config.use_image_input
     assert "--model_name_or_path" in _refused(_train_command(tmp_path / "never", "dpo"))
