@@ -3,6 +3,7 @@
 deepseekv3 convert SRC DST
 deepseekv3 demo [--output ./outputs/demo] [--quick]
 deepseekv3 train --stage {contrastive,distill,instruct,lora,grpo,dpo} --output_dir DIR [any TrainingArguments option]
+deepseekv3 train --stages contrastive,distill,instruct,grpo --output_dir DIR [--stage_steps contrastive=200,...] [...]
 deepseekv3 serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--lite-model DIR] [--max-batch-size 16] ...
 """
 
@@ -42,6 +43,11 @@ def _demo(args: argparse.Namespace) -> None:
 def _train(argv: Sequence[str]) -> None:
     from .training.run import parse_train_arguments, run_training
 
+    if any(token.split("=", 1)[0] == "--stages" for token in argv):
+        from .training.pipeline import run_pipeline
+
+        run_pipeline(argv)
+        return
     output_dir = run_training(*parse_train_arguments(argv))
     print(f"model and processor saved to {output_dir}")
 

@@ -44,6 +44,18 @@ class StageArguments:
             "choices": TRAIN_STAGES,
         },
     )
+    stages: str = field(
+        default="",
+        metadata={
+            "help": "a whole flow instead of one --stage: stages separated by commas (contrastive,distill,instruct,"
+            "grpo), each starting from the model the one before saved, in --output_dir/NN-stage; a rerun skips the "
+            "finished stages and resumes the unfinished one from its last checkpoint (deepseekv3.training.pipeline)"
+        },
+    )
+    stage_steps: str = field(
+        default="",
+        metadata={"help": "--stages: max_steps per stage, e.g. contrastive=200,distill=1400 (others: --max_steps)"},
+    )
     model_name_or_path: str = field(
         default="", metadata={"help": "saved model + processor folder to start from (empty: build the demo model)"}
     )
