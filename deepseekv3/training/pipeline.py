@@ -28,7 +28,7 @@ from transformers.utils import logging
 
 from ..data import build_multimodal_dataset, load_conversations
 from .evaluation import exact_match, generate_answers, generate_conversation_replies, reply_accuracy
-from .recipes import TRAIN_STAGES, StageArguments
+from .recipes import LORA_OPTIONS, TRAIN_STAGES, StageArguments
 
 logger = logging.get_logger(__name__)
 
@@ -54,12 +54,13 @@ def _split_steps(text: str, stages: Sequence[str]) -> dict[str, int]:
 
 
 def _without(argv: Sequence[str], options: Sequence[str]) -> list[str]:
-    """`argv` without `options` (`--name value` or `--name=value`)."""
+    """`argv` without `options` (`--name value`, `--name=value`, or a flag `--name` alone)."""
     kept, skip = [], False
     for token in argv:
-        if skip:
+        if skip and not token.startswith("--"):
             skip = False
             continue
+        skip = False
         name = token.split("=", 1)[0]
         if name in options:
             skip = "=" not in token
@@ -151,6 +152,8 @@ def run_pipeline(argv: Sequence[str]) -> list[dict[str, Any]]:
             stage_argv = [*_without(stage_argv, ("--max_steps",)), "--max_steps", str(steps[stage])]
         if stage == "lora":
             stage_argv += ["--merge", "true"]  # the next stage starts from a whole model
+        else:  # what only the lora stage reads
+            stage_argv = _without(stage_argv, [f"--{name}" for name in LORA_OPTIONS])
         stage_args, training_args, left = _parse_stage(stage_argv)
         unused = left if unused is None else unused & left
         plans.append((stage_args, training_args, directory))

@@ -23,12 +23,23 @@ from ..configuration_deepseekv3 import DeepseekV3MultimodalConfig
 from .collators import ContrastiveCollator, DistillationCollator, InstructionCollator
 from .trainer import DeepseekV3Trainer
 
-__all__ = ["STAGES", "StageArguments", "TRAIN_STAGES", "build_stage_trainer", "select_stage_examples"]
+__all__ = [
+    "LORA_OPTIONS",
+    "STAGES",
+    "StageArguments",
+    "TRAIN_STAGES",
+    "build_stage_trainer",
+    "select_stage_examples",
+]
 
 STAGES = ("contrastive", "distill", "instruct", "lora")
 # what `deepseekv3 train --stage` runs: the recipes above, and reinforcement learning with TRL's GRPOTrainer and
 # DPOTrainer (`deepseekv3.training.rl`)
 TRAIN_STAGES = (*STAGES, "grpo", "dpo")
+# `StageArguments` fields only `--stage lora` reads: another stage refuses them (given or true), not ignores them
+LORA_OPTIONS = ("lora_rank", "lora_media_front_end", "merge")
+# with `--edge_dataset`, the share of edge cases when `--edge_fraction` is not given (the seed's 80/20)
+DEFAULT_EDGE_FRACTION = 0.2
 
 
 @dataclass
@@ -62,7 +73,7 @@ class StageArguments:
     num_images: int = field(default=2000, metadata={"help": "images in the built-in data set"})
     num_clips: int = field(default=1000, metadata={"help": "audio clips in the built-in data set"})
     dataset_seed: int = field(default=0, metadata={"help": "seed of the built-in data set"})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank (stage lora)"})
+    lora_rank: int | None = field(default=None, metadata={"help": "stage lora: the LoRA rank (default 8)"})
     lora_media_front_end: bool = field(
         default=False,
         metadata={
@@ -95,8 +106,12 @@ class StageArguments:
         },
     )
     edge_dataset_split: str = field(default="train", metadata={"help": "the split of --edge_dataset"})
-    edge_fraction: float = field(
-        default=0.2, metadata={"help": "share of edge cases in the mix, in [0, 1) (the seed's 80/20)"}
+    edge_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "with --edge_dataset: the share of edge cases in the mix, in [0, 1) (default 0.2: the seed's "
+            "80/20)"
+        },
     )
     question_column: str = field(default="question", metadata={"help": "--dataset rows without messages: question"})
     answer_column: str = field(default="answer", metadata={"help": "--dataset rows without messages: answer"})

@@ -20,7 +20,7 @@ from ..tokenization import train_tokenizer
 from .collators import encode_conversations, encode_rows
 from .demo import DemoSettings, build_demo_model
 from .evaluation import ExactMatchCallback, last_reply
-from .recipes import StageArguments, build_stage_trainer, select_stage_examples
+from .recipes import DEFAULT_EDGE_FRACTION, LORA_OPTIONS, StageArguments, build_stage_trainer, select_stage_examples
 
 logger = logging.get_logger(__name__)
 
@@ -66,6 +66,13 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
             "--stage lora saves an adapter for the base model given by --model_name_or_path; pass one, or --merge to "
             "save the merged model instead"
         )
+    given = [f"--{name}" for name in LORA_OPTIONS if getattr(stage_args, name) not in (None, False)]
+    if stage_args.stage != "lora" and given:
+        raise ValueError(
+            f"{', '.join(given)}: options of --stage lora, which --stage {stage_args.stage} does not read"
+        )
+    if stage_args.edge_fraction is not None and not stage_args.edge_dataset:
+        raise ValueError("--edge_fraction is the share of --edge_dataset in the mix: pass --edge_dataset too")
     if stage_args.eval_dataset and not stage_args.dataset:
         raise ValueError("--eval_dataset evaluates training on your own data: pass --dataset too")
     if stage_args.edge_dataset and not stage_args.dataset:
@@ -91,10 +98,11 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
     if stage_args.edge_dataset:
         edge = load_conversations(stage_args.edge_dataset, stage_args.edge_dataset_split, *columns)
         core_rows = len(own)
-        own = mix_datasets(own, edge, stage_args.edge_fraction, seed=training_args.seed)
+        fraction = DEFAULT_EDGE_FRACTION if stage_args.edge_fraction is None else stage_args.edge_fraction
+        own = mix_datasets(own, edge, fraction, seed=training_args.seed)
         logger.warning(
             f"training on {core_rows} rows of --dataset and {len(own) - core_rows} edge cases drawn from the "
-            f"{len(edge)} of --edge_dataset (edge_fraction {stage_args.edge_fraction})"
+            f"{len(edge)} of --edge_dataset (edge_fraction {fraction})"
         )
     own_eval = (
         load_conversations(stage_args.eval_dataset, stage_args.eval_dataset_split, *columns)
@@ -120,10 +128,11 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
 
         from .lora import default_lora_config
 
+        rank = 8 if stage_args.lora_rank is None else stage_args.lora_rank
         lora_config = default_lora_config(
             include_media_front_end=stage_args.lora_media_front_end,
-            r=stage_args.lora_rank,
-            lora_alpha=2 * stage_args.lora_rank,
+            r=rank,
+            lora_alpha=2 * rank,
         )
         model = get_peft_model(model, lora_config)
     eval_examples, callbacks = None, []

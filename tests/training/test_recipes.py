@@ -339,3 +339,19 @@ def test_train_command_fine_tunes_on_your_own_json_lines(tmp_path):
     bad = _refused(_train_command(tmp_path / "never", "instruct", "--dataset", str(tmp_path / "bad.jsonl")))
     assert "row 3: the image 'pictures/missing.png' could not be read" in bad
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--stage", "instruct", "--lora_rank", "4"], "--lora_rank: options of --stage lora"),
+        (["--stage", "contrastive", "--merge", "true"], "--merge: options of --stage lora"),
+        (["--stage", "instruct", "--edge_fraction", "0.3"], "pass --edge_dataset too"),
+    ],
+)
+def test_an_option_the_stage_does_not_read_is_refused_not_ignored(tmp_path, options, message):
+    from deepseekv3.training.run import parse_train_arguments, run_training
+
+    with pytest.raises(ValueError, match=message):
+        run_training(*parse_train_arguments([*options, "--output_dir", str(tmp_path / "out"), "--use_cpu"]))
+    assert not (tmp_path / "out").exists()
