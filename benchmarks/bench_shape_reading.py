@@ -19,7 +19,10 @@ images is scored). The readers differ in one thing:
   colour and shape its own token id, the answer read from its logits at the read position (over the three shape
   tokens). The task, data, steps and optimiser are `one hop`'s;
 - `decoder, init 0.1`: `decoder` with `initializer_range=0.1` (about 1 / sqrt(hidden_size), the fan-in scale)
-  instead of the demo's 0.02.
+  instead of 0.02.
+
+Every model is built from `demo_config` at `initializer_range` 0.02 (the DeepSeek-V3 config's value, and the demo's
+until this benchmark led it to 0.1), but for `decoder, init 0.1`.
 
 Every run takes the same steps of the same batch size, at the demo's learning rate (AdamW, 1e-3); three seeds each.
 Validation accuracy is measured in eval mode (the encoder readers' dropout off). Nothing here plants the answer: the
@@ -129,7 +132,7 @@ class DecoderReader(nn.Module):
 def run(reader: str, seed: int, steps: int) -> dict:
     """One reader trained from seed `seed` in a worker process of one torch thread."""
     torch.set_num_threads(1)
-    settings = DemoSettings()
+    settings = DemoSettings(initializer_range=0.02)
     tokenizer = train_tokenizer(["what shape is the red object?"], vocab_size=settings.vocab_size)
     config = demo_config(tokenizer, settings)
     train, validation = _examples(settings, "train"), _examples(settings, "validation")
