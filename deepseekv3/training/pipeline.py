@@ -77,7 +77,9 @@ def stage_directories(output_dir: str | Path, stages: Sequence[str]) -> list[Pat
 def _parse_stage(argv: list[str]) -> tuple[StageArguments, TrainingArguments, set[str]]:
     """The stage's arguments, parsed with its own class (`GRPOConfig` / `DPOConfig` for grpo / dpo), and the option
     names it did not take."""
-    stage = HfArgumentParser(StageArguments).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[0]
+    stage = HfArgumentParser(StageArguments, add_help=False).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )[0]
     arguments_class = TrainingArguments
     if stage.stage in ("grpo", "dpo"):
         import trl
@@ -129,7 +131,9 @@ def run_pipeline(argv: Sequence[str]) -> list[dict[str, Any]]:
     Raises:
         `ValueError`: an unknown stage, a bad `--stage_steps`, an option no stage takes, or no `--output_dir`.
     """
-    head = HfArgumentParser(StageArguments).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[0]
+    head = HfArgumentParser(StageArguments, add_help=False).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )[0]
     stages = [name.strip() for name in head.stages.split(",") if name.strip()]
     unknown = [name for name in stages if name not in TRAIN_STAGES]
     if not stages or unknown:

@@ -33,7 +33,9 @@ SHORT_REPLY_WORDS = 5
 def parse_train_arguments(argv: Sequence[str] | None = None) -> tuple[StageArguments, TrainingArguments]:
     """`StageArguments` and `TrainingArguments` from the command line (`--stage`, `--output_dir`, ...); with
     `--stage grpo` or `dpo`, `trl.GRPOConfig` or `trl.DPOConfig` (`TrainingArguments` with TRL's options) instead."""
-    stage = HfArgumentParser(StageArguments).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[0]
+    stage = HfArgumentParser(StageArguments, add_help=False).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )[0]
     arguments_class = TrainingArguments
     if stage.stage in ("grpo", "dpo"):
         import trl
