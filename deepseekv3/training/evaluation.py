@@ -41,6 +41,7 @@ __all__ = [
     "last_reply",
     "predict_answers",
     "reply_accuracy",
+    "same_reply",
 ]
 
 logger = logging.get_logger(__name__)
@@ -430,12 +431,17 @@ def generate_conversation_replies(
     return _generate(model, processor, prompts, rates, batch_size, max_new_tokens, progress)
 
 
+def same_reply(reply: str, reference: str) -> bool:
+    """Whether `reply` is `reference`, ignoring case and surrounding whitespace (the exact match users get)."""
+    return reply.strip().casefold() == reference.strip().casefold()
+
+
 def exact_match(conversations: Sequence[Mapping[str, Any]], replies: Sequence[str]) -> float:
-    """Fraction of `replies` equal to their row's `last_reply`, ignoring case and surrounding whitespace."""
+    """Fraction of `replies` equal to their row's `last_reply` (`same_reply`)."""
     _check_replies(conversations, replies)
     if not replies:
         raise ValueError("no replies to score")
-    matches = [reply.strip().casefold() == last_reply(row).casefold() for row, reply in zip(conversations, replies)]
+    matches = [same_reply(reply, last_reply(row)) for row, reply in zip(conversations, replies)]
     return sum(matches) / len(matches)
 
 

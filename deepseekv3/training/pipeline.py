@@ -77,15 +77,9 @@ def stage_directories(output_dir: str | Path, stages: Sequence[str]) -> list[Pat
 def _parse_stage(argv: list[str]) -> tuple[StageArguments, TrainingArguments, set[str]]:
     """The stage's arguments, parsed with its own class (`GRPOConfig` / `DPOConfig` for grpo / dpo), and the option
     names it did not take."""
-    stage = HfArgumentParser(StageArguments, add_help=False).parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True
-    )[0]
-    arguments_class = TrainingArguments
-    if stage.stage in ("grpo", "dpo"):
-        import trl
+    from .run import stage_parser
 
-        arguments_class = {"grpo": trl.GRPOConfig, "dpo": trl.DPOConfig}[stage.stage]
-    parser = HfArgumentParser((StageArguments, arguments_class))
+    parser = stage_parser(argv)
     stage_args, training_args, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     training_args.remove_unused_columns = False  # the collators read fields the forward does not take
     return stage_args, training_args, {token.split("=", 1)[0] for token in remaining if token.startswith("--")}

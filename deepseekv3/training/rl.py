@@ -26,7 +26,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .evaluation import generate_conversation_replies, last_reply
+from .evaluation import generate_conversation_replies, last_reply, same_reply
 
 logger = logging.get_logger(__name__)
 
@@ -64,7 +64,7 @@ def exact_match_reward(completions: Sequence[Any], answer: Sequence[str], **kwar
     if len(completions) != len(answer):
         raise ValueError(f"completions ({len(completions)}) and answers ({len(answer)}) must be as many")
     return [
-        float(_reply_text(completion).strip().casefold() == reference.strip().casefold())
+        float(same_reply(_reply_text(completion), reference))
         for completion, reference in zip(completions, answer, strict=True)
     ]
 
@@ -184,7 +184,7 @@ def preference_pairs(
     kept = _image_conversations(conversations, "dpo")
     replies = generate_conversation_replies(model, processor, kept, batch_size, max_new_tokens, progress=False)
     wrong = [index for index, reply in enumerate(replies)
-             if reply.strip().casefold() != last_reply(kept[index]).casefold()]  # fmt: skip
+             if not same_reply(reply, last_reply(kept[index]))]  # fmt: skip
     if not wrong:
         raise ValueError(f"the model answers all {len(kept)} questions right: there is nothing to prefer")
     logger.warning(f"DPO: {len(wrong)} preference pairs, one per question the model answers wrong (of {len(kept)})")

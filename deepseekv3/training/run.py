@@ -24,15 +24,15 @@ from .recipes import DEFAULT_EDGE_FRACTION, LORA_OPTIONS, StageArguments, build_
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["SHORT_REPLY_WORDS", "load_saved_model", "parse_train_arguments", "run_training"]
+__all__ = ["SHORT_REPLY_WORDS", "load_saved_model", "parse_train_arguments", "run_training", "stage_parser"]
 
 # --eval_dataset: references of at most this many words are scored by exact match of greedy `generate` as well
 SHORT_REPLY_WORDS = 5
 
 
-def parse_train_arguments(argv: Sequence[str] | None = None) -> tuple[StageArguments, TrainingArguments]:
-    """`StageArguments` and `TrainingArguments` from the command line (`--stage`, `--output_dir`, ...); with
-    `--stage grpo` or `dpo`, `trl.GRPOConfig` or `trl.DPOConfig` (`TrainingArguments` with TRL's options) instead."""
+def stage_parser(argv: Sequence[str] | None = None) -> HfArgumentParser:
+    """The parser of `--stage`'s arguments: `StageArguments` and `TrainingArguments`, or with `--stage grpo` / `dpo`
+    `trl.GRPOConfig` / `trl.DPOConfig` (`TrainingArguments` with TRL's options)."""
     stage = HfArgumentParser(StageArguments, add_help=False).parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )[0]
@@ -41,8 +41,13 @@ def parse_train_arguments(argv: Sequence[str] | None = None) -> tuple[StageArgum
         import trl
 
         arguments_class = {"grpo": trl.GRPOConfig, "dpo": trl.DPOConfig}[stage.stage]
-    parser = HfArgumentParser((StageArguments, arguments_class))
-    stage_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return HfArgumentParser((StageArguments, arguments_class))
+
+
+def parse_train_arguments(argv: Sequence[str] | None = None) -> tuple[StageArguments, TrainingArguments]:
+    """`StageArguments` and the stage's `TrainingArguments` (`stage_parser`) from the command line (`--stage`,
+    `--output_dir`, ...)."""
+    stage_args, training_args = stage_parser(argv).parse_args_into_dataclasses(args=argv)
     # the collators read fields the forward does not take
     training_args.remove_unused_columns = False
     return stage_args, training_args
