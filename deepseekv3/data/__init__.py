@@ -5,6 +5,8 @@
 - `build_tones_dataset`: 1 s clips of one to three tones (low / mid / high) with captions and questions about pitch,
   count and order (question type `audio`).
 - `build_multimodal_dataset`: both in one table. `build_text_corpus`: their text, for training the tokenizer.
+- `build_edge_cases`: the same columns for the long tail (`EDGE_CASE_KINDS`: three-object scenes, objects at the
+  border, tones back to back), its own splits, to mix into the core with `mix_datasets`.
 - `boxes_to_patch_weights`: the referred objects' boxes as a per-patch distribution (attention distillation).
 - `load_conversations`: a user's own data set (saved, JSON lines, image folder, ...) as conversations to fine-tune on.
 - `mix_datasets`: "core 80% + edge cases 20%", a mix with an exact share of edge cases (or interleaved streams).
@@ -20,6 +22,7 @@ except ImportError as error:
     raise ImportError("deepseekv3.data needs the `datasets` library: pip install 'deepseekv3[train]'") from error
 
 from .conversations import check_conversations, load_conversations
+from .edge_cases import EDGE_CASE_KINDS, build_edge_cases
 from .mixing import mix_datasets
 from .multimodal import MULTIMODAL_FEATURES, build_multimodal_dataset, build_text_corpus
 from .questions import (
@@ -44,6 +47,7 @@ __all__ = [
     "COLORS",
     "DEFAULT_HELD_OUT_TEMPLATES",
     "DEFAULT_SPLIT_SIZES",
+    "EDGE_CASE_KINDS",
     "MULTIMODAL_FEATURES",
     "NUMBER_WORDS",
     "ORDER_WORDS",
@@ -58,6 +62,7 @@ __all__ = [
     "QuestionTemplate",
     "boxes_to_patch_weights",
     "check_conversations",
+    "build_edge_cases",
     "build_messages",
     "build_multimodal_dataset",
     "build_shapes_dataset",

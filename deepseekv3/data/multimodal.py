@@ -10,14 +10,14 @@ from collections.abc import Collection, Mapping
 
 import numpy as np
 import pyarrow as pa
-from datasets import Dataset, DatasetDict, Features
+from datasets import DatasetDict, Features
 
 from .questions import DEFAULT_HELD_OUT_TEMPLATES, QUESTION_TEMPLATES
 from .shapes import SHAPES_FEATURES, build_shapes_dataset, sample_shapes
 from .splits import build_dataset_dict
 from .tones import TONES_FEATURES, build_tones_dataset, sample_tones
 
-__all__ = ["MULTIMODAL_FEATURES", "build_multimodal_dataset", "build_text_corpus"]
+__all__ = ["MULTIMODAL_FEATURES", "build_multimodal_dataset", "build_text_corpus", "with_every_column"]
 
 MULTIMODAL_FEATURES = Features({**SHAPES_FEATURES, **TONES_FEATURES})
 _MIX_STREAM = 2
@@ -61,7 +61,9 @@ def build_multimodal_dataset(
     rng = np.random.default_rng([seed, _MIX_STREAM])
     tables = {}
     for name in shapes:
-        table = pa.concat_tables([_with_every_column(shapes[name]), _with_every_column(tones[name])])
+        table = pa.concat_tables(
+            [with_every_column(shapes[name].data.table), with_every_column(tones[name].data.table)]
+        )
         tables[name] = table.take(rng.permutation(table.num_rows))
     generation = repr(
         ("multimodal", num_images, num_clips, seed, image_size, sampling_rate, clip_seconds, split_sizes)
@@ -91,9 +93,17 @@ def build_text_corpus(num_images: int = 2000, num_clips: int = 1000, seed: int =
     return corpus + list(answers)
 
 
-def _with_every_column(dataset: Dataset) -> pa.Table:
-    """The dataset's Arrow table with a null column for every multimodal column it lacks, columns in a fixed order."""
-    table = dataset.data.table
+def with_every_column(table: pa.Table) -> pa.Table:
+    """`table` (the rows of one modality) with a null column for every multimodal column it lacks, columns in the
+    order of `MULTIMODAL_FEATURES`, so the tables of both modalities concatenate.
+
+    Args:
+        table (`pa.Table`): encoded rows of `SHAPES_FEATURES` or `TONES_FEATURES` (`rows_to_table`, or a built-in
+            data set's `Dataset.data.table`).
+
+    Returns:
+        `pa.Table` with the schema of `MULTIMODAL_FEATURES`.
+    """
     columns = [
         table.column(name) if name in table.column_names else pa.nulls(table.num_rows, field.type)
         for name, field in zip(MULTIMODAL_FEATURES.arrow_schema.names, MULTIMODAL_FEATURES.arrow_schema)

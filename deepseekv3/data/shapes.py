@@ -6,8 +6,13 @@ exact colour. With two or more objects, the first two are placed in a clear spat
 separated by a gap on one axis and overlap by at least half the smaller side on the other, and a third object is
 never on the same side of the first; "which side of the red circle is the blue square?" then has exactly one answer.
 Each row asks one question; templates are used in turn (`i % len(templates)`), so question types are balanced.
+
+Two options shape the scenes for edge cases (`build_edge_cases`): `num_objects` fixes the number of objects of every
+scene, and `touch_border=True` puts every object against at least one side of the image, both keeping the relations
+above. With both at their defaults the data is exactly that of earlier versions (same rows, same fingerprints).
 """
 
+import functools
 import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -55,6 +60,9 @@ def build_shapes_dataset(
     split_sizes: Mapping[str, float] | None = None,
     templates: Sequence[str] | None = None,
     held_out_templates: Collection[str] = DEFAULT_HELD_OUT_TEMPLATES,
+    *,
+    num_objects: int | None = None,
+    touch_border: bool = False,
 ) -> DatasetDict:
     """The shapes data set: one image, caption and question per row, split into train/validation/test.
 
@@ -68,6 +76,10 @@ def build_shapes_dataset(
             them by default.
         held_out_templates (`Collection[str]`, defaults to `("color_by_side",)`): templates whose rows get
             `held_out=True`, for a fine-tuning task instruction tuning never sees (`split_held_out`).
+        num_objects (`int`, *optional*): objects in every scene, 1 to 3; by default each scene draws between the
+            fewest its template needs (`QUESTION_TEMPLATES[name].min_items`) and 3.
+        touch_border (`bool`, *optional*, defaults to `False`): put every object's box against at least one side of
+            the image (`x_min == 0`, `y_min == 0`, `x_max == image_size` or `y_max == image_size`).
 
     Returns:
         `DatasetDict` with `SHAPES_FEATURES`: `image` (PIL), `image_size`, `objects` (`color`, `shape`, `box` as
@@ -75,11 +87,27 @@ def build_shapes_dataset(
         `question_template`, `referred_objects` (indices into `objects`: first the object the answer is about, then
         the object it is located from, or every object for `count`), `held_out`, `messages` and `modality`
         (`"image"`).
+
+    Raises:
+        `ValueError`: an image smaller than 16, unknown templates, `num_objects` outside 1-3 or below a template's
+            `min_items`, or split sizes that do not sum to 1.
     """
-    rows = sample_shapes(num_examples, seed, image_size, templates, held_out_templates)
+    rows = sample_shapes(
+        num_examples,
+        seed,
+        image_size,
+        templates,
+        held_out_templates,
+        num_objects=num_objects,
+        touch_border=touch_border,
+    )
     for row in rows:
         row["image"] = draw_shapes(row["objects"], image_size)
-    generation = repr(("shapes", num_examples, seed, image_size, split_sizes, templates, sorted(held_out_templates)))
+    # Options are appended only where they change the data, so default data keeps the fingerprints it had before.
+    options = {"num_objects": num_objects} if num_objects is not None else {}
+    options.update({"touch_border": True} if touch_border else {})
+    generation = ("shapes", num_examples, seed, image_size, split_sizes, templates, sorted(held_out_templates))
+    generation = repr(generation + ((options,) if options else ()))
     tables = {name: rows_to_table(split, SHAPES_FEATURES) for name, split in split_rows(rows, split_sizes).items()}
     return build_dataset_dict(tables, SHAPES_FEATURES, generation)
 
@@ -90,19 +118,30 @@ def sample_shapes(
     image_size: int = 32,
     templates: Sequence[str] | None = None,
     held_out_templates: Collection[str] = DEFAULT_HELD_OUT_TEMPLATES,
+    *,
+    num_objects: int | None = None,
+    touch_border: bool = False,
+    stream: int = _SHAPES_STREAM,
 ) -> list[dict[str, Any]]:
     """The rows of `build_shapes_dataset` without the images (no drawing): scenes, captions, questions, answers.
 
-    Arguments as in `build_shapes_dataset`. Returns one dict per example, in order.
+    Arguments as in `build_shapes_dataset`, and:
+        stream (`int`, *optional*, defaults to 0): the random stream under `seed` (`sample_unique`); another stream
+            draws other scenes from the same seed (the edge cases use their own, apart from the core data's).
+
+    Returns one dict per example, in order.
     """
     if image_size < _MIN_IMAGE_SIZE:
         raise ValueError(f"image_size ({image_size}) must be at least {_MIN_IMAGE_SIZE} to fit three shapes")
     templates, held_out = resolve_templates("image", templates, held_out_templates)
+    _check_num_objects(num_objects, templates)
 
     def sample(rng: np.random.Generator, index: int) -> dict[str, Any]:
         template = templates[index % len(templates)]
-        min_objects = QUESTION_TEMPLATES[template].min_items
-        objects, relation = _sample_scene(rng, image_size, int(rng.integers(min_objects, len(NUMBER_WORDS) + 1)))
+        count = num_objects
+        if count is None:
+            count = int(rng.integers(QUESTION_TEMPLATES[template].min_items, len(NUMBER_WORDS) + 1))
+        objects, relation = _sample_scene(rng, image_size, count, touch_border)
         question, answer, referred = _ask(rng, template, objects, relation)
         return {
             "modality": "image",
@@ -121,7 +160,7 @@ def sample_shapes(
     def key(row: dict[str, Any]) -> tuple:
         return tuple((item["color"], item["shape"], tuple(item["box"])) for item in row["objects"])
 
-    return sample_unique(num_examples, seed, _SHAPES_STREAM, sample, key)
+    return sample_unique(num_examples, seed, stream, sample, key)
 
 
 def draw_shapes(objects: Sequence[Mapping[str, Any]], image_size: int) -> PILImage.Image:
@@ -152,10 +191,28 @@ def draw_shapes(objects: Sequence[Mapping[str, Any]], image_size: int) -> PILIma
     return image
 
 
+def _check_num_objects(num_objects: int | None, templates: Sequence[str]) -> None:
+    """Raise if `num_objects` is set outside 1-3 or below what one of `templates` needs."""
+    if num_objects is None:
+        return
+    if not 1 <= num_objects <= len(NUMBER_WORDS):
+        raise ValueError(f"num_objects ({num_objects}) must be between 1 and {len(NUMBER_WORDS)}, or None")
+    for template in templates:
+        if QUESTION_TEMPLATES[template].min_items > num_objects:
+            raise ValueError(
+                f"template {template!r} needs at least {QUESTION_TEMPLATES[template].min_items} objects, but "
+                f"num_objects is {num_objects}; ask for more objects or leave {template!r} out of templates"
+            )
+
+
 def _sample_scene(
-    rng: np.random.Generator, image_size: int, num_objects: int
+    rng: np.random.Generator, image_size: int, num_objects: int, touch_border: bool = False
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Objects (distinct colours and shapes) and, with two or more, where object 1 lies relative to object 0."""
+    """Objects (distinct colours and shapes) and, with two or more, where object 1 lies relative to object 0.
+
+    With `touch_border`, each object is moved onto a side of the image (`_move_to_border`) and the third is placed
+    on one; without, the random draws are those of earlier versions.
+    """
     colors = rng.choice(COLORS, size=num_objects, replace=False)
     shapes = rng.choice(SHAPES, size=num_objects, replace=False)
     min_side, max_side = round(0.22 * image_size), round(0.3 * image_size)
@@ -168,8 +225,10 @@ def _sample_scene(
         else:
             relation = str(rng.choice(RELATIONS))
             boxes = list(_place_pair(rng, image_size, int(sides[0]), int(sides[1]), relation, gap))
+        if touch_border:
+            boxes = _move_to_border(rng, image_size, boxes, relation, gap)
         if num_objects == 3:
-            third = _place_third(rng, image_size, int(sides[2]), boxes, relation, gap)
+            third = _place_third(rng, image_size, int(sides[2]), boxes, relation, gap, touch_border)
             if third is None:
                 continue
             boxes.append(third)
@@ -209,26 +268,122 @@ def _place_third(
     boxes: list[tuple[int, int, int, int]],
     relation: str,
     gap: int,
+    touch_border: bool = False,
 ) -> tuple[int, int, int, int] | None:
-    """A box `gap` pixels clear of `boxes` whose centre is not on the target's side of the anchor, or `None`."""
+    """A box `gap` pixels clear of `boxes` whose centre is not on the target's side of the anchor, or `None`.
+
+    With `touch_border`, the box lies against a side of the image: one of every such place that fits, drawn
+    uniformly (`_place_third_on_border`).
+    """
+    if touch_border:
+        return _place_third_on_border(rng, image_size, side, boxes, relation, gap)
     anchor = boxes[0]
     for _ in range(50):
         x_min, y_min = (int(value) for value in rng.integers(0, image_size - side + 1, size=2))
         box = _square(x_min, y_min, side)
         if any(not _is_apart(box, other, gap) for other in boxes):
             continue
-        # Twice the centres, to stay in integers.
-        center_x, center_y = box[0] + box[2], box[1] + box[3]
-        anchor_x, anchor_y = anchor[0] + anchor[2], anchor[1] + anchor[3]
-        on_target_side = {
-            "left": center_x < anchor_x,
-            "right": center_x > anchor_x,
-            "above": center_y < anchor_y,
-            "below": center_y > anchor_y,
-        }[relation]
-        if not on_target_side:
+        if not _on_target_side(box[0] + box[2], box[1] + box[3], anchor, relation):
             return box
     return None
+
+
+def _on_target_side(twice_x: Any, twice_y: Any, anchor: tuple[int, ...], relation: str) -> Any:
+    """Whether a centre (twice its coordinates, to stay in integers; ints or arrays) is on the target's side."""
+    anchor_x, anchor_y = anchor[0] + anchor[2], anchor[1] + anchor[3]
+    return {
+        "left": twice_x < anchor_x,
+        "right": twice_x > anchor_x,
+        "above": twice_y < anchor_y,
+        "below": twice_y > anchor_y,
+    }[relation]
+
+
+def _place_third_on_border(
+    rng: np.random.Generator,
+    image_size: int,
+    side: int,
+    boxes: list[tuple[int, int, int, int]],
+    relation: str,
+    gap: int,
+) -> tuple[int, int, int, int] | None:
+    """`_place_third`'s box against a side of the image: every place along the four sides is checked at once."""
+    x_min, y_min = _border_corners(image_size, side)
+    x_max, y_max = x_min + side, y_min + side
+    fits = np.ones(len(x_min), dtype=bool)
+    for other in boxes:
+        fits &= (
+            (x_max + gap <= other[0])
+            | (other[2] + gap <= x_min)
+            | (y_max + gap <= other[1])
+            | (other[3] + gap <= y_min)
+        )
+    (places,) = np.nonzero(fits & ~_on_target_side(x_min + x_max, y_min + y_max, boxes[0], relation))
+    if not len(places):
+        return None
+    place = places[int(rng.integers(len(places)))]
+    return _square(int(x_min[place]), int(y_min[place]), side)
+
+
+@functools.cache
+def _border_corners(image_size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left corners of every place a box of `side` pixels touches a side of the image, each place once."""
+    offsets = np.arange(image_size - side + 1)
+    inner = offsets[1:-1]  # the corners of the image are on the left and right sides already
+    ends = [0, image_size - side]
+    x_min = np.concatenate([np.repeat(ends, len(offsets)), np.tile(inner, 2)])
+    y_min = np.concatenate([np.tile(offsets, 2), np.repeat(ends, len(inner))])
+    x_min.setflags(write=False)
+    y_min.setflags(write=False)
+    return x_min, y_min
+
+
+def _move_to_border(
+    rng: np.random.Generator,
+    image_size: int,
+    boxes: list[tuple[int, int, int, int]],
+    relation: str | None,
+    gap: int,
+) -> list[tuple[int, int, int, int]]:
+    """Move each box that touches no side of the image against one, keeping the pair in `relation`.
+
+    A box may move along one axis to either end of it: one of the four moves is drawn among those that keep the
+    target `relation` of the anchor (`_in_relation`). Moving the two boxes apart along the relation's axis always
+    does, so there is always a move.
+    """
+    boxes = list(boxes)
+    for index, box in enumerate(boxes):
+        if _touches_border(box, image_size):
+            continue
+        side = box[2] - box[0]
+        moves = []
+        for axis in (0, 1):
+            for start in (0, image_size - side):
+                corner = [box[0], box[1]]
+                corner[axis] = start
+                moved = _square(corner[0], corner[1], side)
+                if relation is None:
+                    moves.append(moved)
+                    continue
+                anchor, target = (moved, boxes[1]) if index == 0 else (boxes[0], moved)
+                if _in_relation(target, anchor, relation, gap):
+                    moves.append(moved)
+        boxes[index] = moves[int(rng.integers(len(moves)))]
+    return boxes
+
+
+def _touches_border(box: tuple[int, ...], image_size: int) -> bool:
+    return box[0] == 0 or box[1] == 0 or box[2] == image_size or box[3] == image_size
+
+
+def _in_relation(target: tuple[int, ...], anchor: tuple[int, ...], relation: str, gap: int) -> bool:
+    """Whether `target` lies `relation` of `anchor` as `_place_pair` places it: at least `gap` pixels apart on the
+    relation's axis, sharing at least half the smaller side on the other."""
+    axis = 0 if relation in ("left", "right") else 1
+    first, second = (target, anchor) if relation in ("left", "above") else (anchor, target)
+    overlap = min(target[3 - axis], anchor[3 - axis]) - max(target[1 - axis], anchor[1 - axis])
+    min_overlap = math.ceil(min(target[2] - target[0], anchor[2] - anchor[0]) / 2)
+    return first[axis + 2] + gap <= second[axis] and overlap >= min_overlap
 
 
 def _square(x_min: int, y_min: int, side: int) -> tuple[int, int, int, int]:

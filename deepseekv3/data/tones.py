@@ -5,6 +5,10 @@ and short gaps, at a random offset inside a fixed-length mono float32 clip (1 s 
 the same length, so a clip's duration says nothing about its number of tones. The `audio` column is a plain struct
 `{"array": list[float32], "sampling_rate": int32}`: `datasets.Audio` would need torchcodec and FFmpeg to encode
 arrays, and the processor takes the arrays as they are.
+
+Two options shape the clips for edge cases (`build_edge_cases`): `num_tones` fixes the number of tones of every clip,
+and `gap_fraction` shortens the silence between tones, down to none (`0`: tones back to back). With both at their
+defaults the data is exactly that of earlier versions (same rows, same fingerprints).
 """
 
 from collections.abc import Collection, Mapping, Sequence
@@ -53,6 +57,9 @@ def build_tones_dataset(
     split_sizes: Mapping[str, float] | None = None,
     templates: Sequence[str] | None = None,
     held_out_templates: Collection[str] = DEFAULT_HELD_OUT_TEMPLATES,
+    *,
+    num_tones: int | None = None,
+    gap_fraction: float | None = None,
 ) -> DatasetDict:
     """The tones data set: one clip, caption and question per row, split into train/validation/test.
 
@@ -68,6 +75,10 @@ def build_tones_dataset(
             `audio_order`); all of them by default.
         held_out_templates (`Collection[str]`, defaults to `("color_by_side",)`): templates whose rows get
             `held_out=True`; names of image templates are ignored here.
+        num_tones (`int`, *optional*): tones in every clip, 1 to 3; by default each clip draws between the fewest
+            its template needs (`QUESTION_TEMPLATES[name].min_items`) and 3.
+        gap_fraction (`float`, *optional*): the silence between consecutive tones as a fraction of the clip, between
+            0 (tones back to back) and 0.08; defaults to 0.08.
 
     Returns:
         `DatasetDict` with `TONES_FEATURES`: `audio` (`{"array", "sampling_rate"}`), `tones` (`pitch`, and `start`,
@@ -75,17 +86,32 @@ def build_tones_dataset(
         `question_template` (the finer audio type), `referred_objects` (tone indices: the tone the answer is about,
         then the tone it is compared with, or every tone for `audio_count`), `held_out`, `messages` and `modality`
         (`"audio"`).
+
+    Raises:
+        `ValueError`: a clip length or sampling rate out of range, unknown templates, `num_tones` outside 1-3 or
+            below a template's `min_items`, a `gap_fraction` outside [0, 0.08], or split sizes that do not sum to 1.
     """
-    rows = sample_tones(num_examples, seed, sampling_rate, clip_seconds, templates, held_out_templates)
+    rows = sample_tones(
+        num_examples,
+        seed,
+        sampling_rate,
+        clip_seconds,
+        templates,
+        held_out_templates,
+        num_tones=num_tones,
+        gap_fraction=gap_fraction,
+    )
     num_samples = round(clip_seconds * sampling_rate)
     for row in rows:
         row["audio"] = {
             "array": synthesize_tones(row["tones"], num_samples, sampling_rate),
             "sampling_rate": sampling_rate,
         }
-    generation = repr(
-        ("tones", num_examples, seed, sampling_rate, clip_seconds, split_sizes, templates, sorted(held_out_templates))
-    )
+    # Options are appended only where they change the data, so default data keeps the fingerprints it had before.
+    options = {"num_tones": num_tones} if num_tones is not None else {}
+    options.update({"gap_fraction": gap_fraction} if gap_fraction not in (None, _GAP_FRACTION) else {})
+    generation = ("tones", num_examples, seed, sampling_rate, clip_seconds, split_sizes, templates)
+    generation = repr(generation + (sorted(held_out_templates),) + ((options,) if options else ()))
     tables = {name: rows_to_table(split, TONES_FEATURES) for name, split in split_rows(rows, split_sizes).items()}
     return build_dataset_dict(tables, TONES_FEATURES, generation)
 
@@ -97,25 +123,40 @@ def sample_tones(
     clip_seconds: float = 1.0,
     templates: Sequence[str] | None = None,
     held_out_templates: Collection[str] = DEFAULT_HELD_OUT_TEMPLATES,
+    *,
+    num_tones: int | None = None,
+    gap_fraction: float | None = None,
+    stream: int = _TONES_STREAM,
 ) -> list[dict[str, Any]]:
     """The rows of `build_tones_dataset` without the waveforms: tone layouts, captions, questions, answers.
 
-    Arguments as in `build_tones_dataset`. Returns one dict per example, in order.
+    Arguments as in `build_tones_dataset`, and:
+        stream (`int`, *optional*, defaults to 1): the random stream under `seed` (`sample_unique`); another stream
+            draws other clips from the same seed (the edge cases use their own, apart from the core data's).
+
+    Returns one dict per example, in order.
     """
     if not _MIN_CLIP_SECONDS <= clip_seconds <= _MAX_CLIP_SECONDS:
         raise ValueError(f"clip_seconds ({clip_seconds}) must be between {_MIN_CLIP_SECONDS} and {_MAX_CLIP_SECONDS}")
     if sampling_rate < 4 * max(PITCH_FREQUENCIES.values()):
         raise ValueError(f"sampling_rate ({sampling_rate}) must be at least 4x the highest pitch (880 Hz)")
+    if gap_fraction is not None and not 0.0 <= gap_fraction <= _GAP_FRACTION:
+        raise ValueError(
+            f"gap_fraction ({gap_fraction}) must be between 0 (tones back to back) and {_GAP_FRACTION} (the default)"
+        )
     templates, held_out = resolve_templates("audio", templates, held_out_templates)
+    _check_num_tones(num_tones, templates)
     num_samples = round(clip_seconds * sampling_rate)
     tone_samples = round(_TONE_FRACTION * num_samples)
-    gap_samples = round(_GAP_FRACTION * num_samples)
+    gap_samples = round((_GAP_FRACTION if gap_fraction is None else gap_fraction) * num_samples)
 
     def sample(rng: np.random.Generator, index: int) -> dict[str, Any]:
         template = templates[index % len(templates)]
-        num_tones = int(rng.integers(QUESTION_TEMPLATES[template].min_items, len(NUMBER_WORDS) + 1))
-        pitches = [str(pitch) for pitch in rng.choice(PITCHES, size=num_tones)]
-        used = num_tones * tone_samples + (num_tones - 1) * gap_samples
+        count = num_tones
+        if count is None:
+            count = int(rng.integers(QUESTION_TEMPLATES[template].min_items, len(NUMBER_WORDS) + 1))
+        pitches = [str(pitch) for pitch in rng.choice(PITCHES, size=count)]
+        used = count * tone_samples + (count - 1) * gap_samples
         offset = int(rng.integers(0, num_samples - used + 1))
         tones = [
             {"pitch": pitch, "start": start, "end": start + tone_samples}
@@ -138,7 +179,7 @@ def sample_tones(
     def key(row: dict[str, Any]) -> tuple:
         return tuple((tone["pitch"], tone["start"]) for tone in row["tones"])
 
-    return sample_unique(num_examples, seed, _TONES_STREAM, sample, key)
+    return sample_unique(num_examples, seed, stream, sample, key)
 
 
 def synthesize_tones(tones: Sequence[Mapping[str, Any]], num_samples: int, sampling_rate: int) -> np.ndarray:
@@ -164,6 +205,20 @@ def synthesize_tones(tones: Sequence[Mapping[str, Any]], num_samples: int, sampl
         envelope[-fade_samples:] = ramp[::-1]
         waveform[start:end] = 0.5 * envelope * np.sin(2 * np.pi * PITCH_FREQUENCIES[tone["pitch"]] * time)
     return waveform.astype(np.float32)
+
+
+def _check_num_tones(num_tones: int | None, templates: Sequence[str]) -> None:
+    """Raise if `num_tones` is set outside 1-3 or below what one of `templates` needs."""
+    if num_tones is None:
+        return
+    if not 1 <= num_tones <= len(NUMBER_WORDS):
+        raise ValueError(f"num_tones ({num_tones}) must be between 1 and {len(NUMBER_WORDS)}, or None")
+    for template in templates:
+        if QUESTION_TEMPLATES[template].min_items > num_tones:
+            raise ValueError(
+                f"template {template!r} needs at least {QUESTION_TEMPLATES[template].min_items} tones, but "
+                f"num_tones is {num_tones}; ask for more tones or leave {template!r} out of templates"
+            )
 
 
 def _ask(rng: np.random.Generator, template: str, pitches: list[str]) -> tuple[str, str, list[int]]:

@@ -1,6 +1,9 @@
 """Tests of deepseekv3.data.shapes: every caption, box and answer is checked against the drawn pixels."""
 
+import hashlib
 import io
+import json
+import math
 import re
 
 import numpy as np
@@ -8,11 +11,15 @@ import pytest
 from PIL import Image
 
 from deepseekv3.data import COLORS, NUMBER_WORDS, QUESTION_TEMPLATES, build_shapes_dataset
-from deepseekv3.data.shapes import BACKGROUND_RGB, COLOR_RGB, draw_shapes
+from deepseekv3.data.shapes import BACKGROUND_RGB, COLOR_RGB, draw_shapes, sample_shapes
 
 # Share of its box a shape fills: square 1, circle about pi/4, triangle about 1/2 (0.62 at a side of 4 pixels).
 _CIRCLE_MIN_FILL, _SQUARE_MIN_FILL = 0.64, 0.95
 _RELATION_WORDS = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
+# Computed on the code before `num_objects` and `touch_border` existed (commit 8b7027e): default options must keep
+# giving exactly that data (a digest of `sample_shapes(50, seed=3)`) and that fingerprint.
+_PRE_OPTIONS_ROWS_DIGEST = "3685b473183d275e"
+_PRE_OPTIONS_TRAIN_FINGERPRINT = "e2f1abb3e1b8aa7f"
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +58,33 @@ def _relation(target: list[int], anchor: list[int]) -> str | None:
     return None
 
 
+def _touches_border(box: list[int], image_size: int) -> bool:
+    return box[0] == 0 or box[1] == 0 or box[2] == image_size or box[3] == image_size
+
+
+def _check_scene_layout(row: dict) -> None:
+    """The module docstring's promises, from the boxes: objects `gap` apart, the pair in its relation with an overlap
+    of half the smaller side, and a third object's centre never on the target's side of the anchor."""
+    boxes, size = [item["box"] for item in row["objects"]], row["image_size"]
+    gap = max(2, size // 16)
+    assert all(0 <= box[0] < box[2] <= size and 0 <= box[1] < box[3] <= size for box in boxes)
+    for i, box in enumerate(boxes):
+        for other in boxes[i + 1 :]:
+            assert max(other[0] - box[2], box[0] - other[2], other[1] - box[3], box[1] - other[3]) >= gap
+    if len(boxes) == 1:
+        return
+    match = re.match(r"a \w+ \w+ (left of|right of|above|below) a \w+ \w+", row["caption"])
+    relation, (anchor, target) = _RELATION_WORDS[match[1]], boxes[:2]
+    assert _relation(target, anchor) == relation
+    across = 1 if relation in ("left", "right") else 0
+    overlap = min(target[across + 2], anchor[across + 2]) - max(target[across], anchor[across])
+    assert overlap >= math.ceil(min(target[2] - target[0], anchor[2] - anchor[0]) / 2)
+    # Twice the centres, to stay in integers; the target's side is where `sign * (centre - anchor's centre) > 0`.
+    axis, sign = {"left": (0, -1), "right": (0, 1), "above": (1, -1), "below": (1, 1)}[relation]
+    for third in boxes[2:]:
+        assert sign * (third[axis] + third[axis + 2] - anchor[axis] - anchor[axis + 2]) <= 0, (relation, boxes)
+
+
 def _answer_from_pixels(question: str, objects: dict[str, dict]) -> str:
     """Answer `question` from the objects read off the pixels alone."""
     by_name = {f"{item['color']} {item['shape']}": item for item in objects.values()}
@@ -86,6 +120,61 @@ def test_objects_and_answers_match_the_drawn_pixels(image_size):
         )
         assert row["answer"] == _answer_from_pixels(row["question"], objects), row["question"]
         assert row["answer"] in QUESTION_TEMPLATES[row["question_template"]].answers
+
+
+def test_every_scene_keeps_its_layout(shapes):
+    for row in shapes["train"]:
+        _check_scene_layout(row)
+
+
+def test_default_options_give_the_data_of_earlier_versions():
+    rows = sample_shapes(50, seed=3)
+    assert rows == sample_shapes(50, seed=3, num_objects=None, touch_border=False, stream=0)
+    # Another random stream draws other scenes from the same seed (the edge cases have their own).
+    assert [row["objects"] for row in sample_shapes(50, seed=3, stream=3)] != [row["objects"] for row in rows]
+    assert hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16] == _PRE_OPTIONS_ROWS_DIGEST
+    assert build_shapes_dataset(20)["train"]._fingerprint == _PRE_OPTIONS_TRAIN_FINGERPRINT
+    assert build_shapes_dataset(20, num_objects=None, touch_border=False)["train"]._fingerprint == (
+        _PRE_OPTIONS_TRAIN_FINGERPRINT
+    )
+    fingerprints = {
+        build_shapes_dataset(20, **kwargs)["train"]._fingerprint
+        for kwargs in ({}, {"num_objects": 3}, {"touch_border": True}, {"num_objects": 3, "touch_border": True})
+    }
+    assert len(fingerprints) == 4
+
+
+@pytest.mark.parametrize(("num_objects", "templates"), [(1, ["color", "shape", "count"]), (2, None), (3, None)])
+def test_num_objects_sets_the_objects_of_every_scene(num_objects, templates):
+    dataset = build_shapes_dataset(
+        30, seed=2, templates=templates, held_out_templates=(), num_objects=num_objects, split_sizes={"train": 1.0}
+    )["train"]
+    for row in dataset:
+        objects = _read_objects(row["image"])
+        assert len(row["objects"]) == len(objects) == num_objects
+        assert row["answer"] == _answer_from_pixels(row["question"], objects), row["question"]
+        _check_scene_layout(row)
+    if templates is None:
+        assert set(dataset["question_template"]) == {n for n, t in QUESTION_TEMPLATES.items() if t.modality == "image"}
+
+
+@pytest.mark.parametrize(("image_size", "num_objects"), [(16, None), (32, None), (48, None), (32, 3)])
+def test_touch_border_puts_every_object_against_a_side_and_keeps_the_answers(image_size, num_objects):
+    dataset = build_shapes_dataset(
+        60, seed=5, image_size=image_size, num_objects=num_objects, touch_border=True, split_sizes={"train": 1.0}
+    )["train"]
+    counts = set()
+    for row in dataset:
+        objects = _read_objects(row["image"])
+        # Read off the pixels, so the drawn shape (not only its box) reaches the side.
+        assert all(_touches_border(item["box"], image_size) for item in objects.values()), row["objects"]
+        assert sorted(objects.values(), key=lambda item: item["color"]) == sorted(
+            row["objects"], key=lambda item: item["color"]
+        )
+        assert row["answer"] == _answer_from_pixels(row["question"], objects), row["question"]
+        _check_scene_layout(row)
+        counts.add(len(objects))
+    assert counts == ({1, 2, 3} if num_objects is None else {num_objects})
 
 
 def test_caption_names_every_object_and_the_relation_the_pixels_show(shapes):
@@ -161,6 +250,10 @@ def test_draw_shapes_fills_each_box_to_its_edges():
         ({"templates": ["count"], "held_out_templates": ["spatial"]}, "held_out_templates"),
         ({"split_sizes": {"train": 0.5, "test": 0.4}}, "sum to 1"),
         ({"num_examples": 2}, "number of splits"),
+        ({"num_objects": 0}, r"num_objects \(0\) must be between 1 and 3"),
+        ({"num_objects": 4}, r"num_objects \(4\) must be between 1 and 3"),
+        ({"num_objects": 1}, r"template 'spatial' needs at least 2 objects, but num_objects is 1"),
+        ({"num_objects": 1, "templates": ["count", "color_by_side"]}, "template 'color_by_side' needs at least 2"),
     ],
 )
 def test_bad_arguments_raise_a_value_error_naming_them(kwargs, message):
