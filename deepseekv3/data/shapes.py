@@ -312,12 +312,7 @@ def _place_third_on_border(
     x_max, y_max = x_min + side, y_min + side
     fits = np.ones(len(x_min), dtype=bool)
     for other in boxes:
-        fits &= (
-            (x_max + gap <= other[0])
-            | (other[2] + gap <= x_min)
-            | (y_max + gap <= other[1])
-            | (other[3] + gap <= y_min)
-        )
+        fits &= _is_apart((x_min, y_min, x_max, y_max), other, gap)
     (places,) = np.nonzero(fits & ~_on_target_side(x_min + x_max, y_min + y_max, boxes[0], relation))
     if not len(places):
         return None
@@ -390,9 +385,15 @@ def _square(x_min: int, y_min: int, side: int) -> tuple[int, int, int, int]:
     return (x_min, y_min, x_min + side, y_min + side)
 
 
-def _is_apart(box: tuple[int, ...], other: tuple[int, ...], gap: int) -> bool:
-    """Whether the boxes are at least `gap` pixels apart on the x or the y axis."""
-    return box[2] + gap <= other[0] or other[2] + gap <= box[0] or box[3] + gap <= other[1] or other[3] + gap <= box[1]
+def _is_apart(box: tuple[Any, ...], other: tuple[int, ...], gap: int) -> Any:
+    """Whether the boxes are at least `gap` pixels apart on the x or the y axis (`box` of ints or of arrays, one box
+    per element)."""
+    return (
+        (box[2] + gap <= other[0])
+        | (other[2] + gap <= box[0])
+        | (box[3] + gap <= other[1])
+        | (other[3] + gap <= box[1])
+    )
 
 
 def _describe(item: Mapping[str, Any]) -> str:
