@@ -1209,14 +1209,16 @@ def attention_distillation_loss(
     For each layer, the attention of every query position in `query_mask` is restricted to the row's image tokens,
     renormalised to a distribution over the image's patches and averaged over heads (or over each group of heads, with
     per-group targets); its KL divergence from the position's target is averaged over the row's query positions (and
-    head groups), then over rows and layers.
+    head groups), then over the distilled rows (those with a query position) and layers. A row without a query
+    position (an audio or text example batched with image examples) adds nothing and need not hold an image.
 
     Args:
         attentions (`tuple` of `torch.Tensor` of shape `(batch, num_heads, seq_len, seq_len)`): attention
             probabilities of the layers to distil.
-        image_mask (`torch.Tensor` of shape `(batch, seq_len)`): the image placeholder positions; every row holds
-            exactly one image (`num_patches` positions).
-        query_mask (`torch.Tensor` of shape `(batch, seq_len)`): the text positions whose attention is distilled.
+        image_mask (`torch.Tensor` of shape `(batch, seq_len)`): the image placeholder positions; every distilled
+            row holds exactly one image (`num_patches` positions).
+        query_mask (`torch.Tensor` of shape `(batch, seq_len)`): the text positions whose attention is distilled
+            (none at all: the loss is 0).
         targets (`torch.Tensor`): the teacher distribution over patches (summing to 1) of shape
             `(batch, num_patches)`, one per row (shared by the row's query positions); `(batch, seq_len,
             num_patches)`, one per position (read at the query positions only): a teacher model's attention, or the
@@ -1228,13 +1230,7 @@ def attention_distillation_loss(
     Returns:
         `torch.Tensor` of shape `()`, in fp32.
     """
-    batch_size, num_patches = targets.shape[0], targets.shape[-1]
-    patches_per_row = image_mask.sum(dim=-1)
-    if not bool((patches_per_row == num_patches).all()):
-        raise ValueError(
-            f"distillation needs exactly one image of {num_patches} patches per row; rows have "
-            f"{patches_per_row.tolist()} image tokens"
-        )
+    num_patches = targets.shape[-1]
     if targets.ndim >= 3 and targets.shape[1] != query_mask.shape[1]:
         raise ValueError(
             f"per-position distillation_targets cover {targets.shape[1]} positions, the inputs have "
@@ -1244,9 +1240,21 @@ def attention_distillation_loss(
     num_heads = attentions[0].shape[1]
     if num_heads % num_groups != 0:
         raise ValueError(f"distillation_targets have {num_groups} head groups, which must divide {num_heads} heads")
+    distilled = query_mask.any(dim=-1)
+    if not bool(distilled.any()):
+        # nothing to distil in this batch (say, audio rows only): a zero that keeps the graph
+        return sum(attention.float().sum() for attention in attentions) * 0.0
+    # only the distilled rows from here on
+    attentions = [attention[distilled] for attention in attentions]
+    image_mask, query_mask, targets = image_mask[distilled], query_mask[distilled], targets[distilled]
+    batch_size = targets.shape[0]
+    patches_per_row = image_mask.sum(dim=-1)
+    if not bool((patches_per_row == num_patches).all()):
+        raise ValueError(
+            f"distillation needs exactly one image of {num_patches} patches per distilled row; rows have "
+            f"{patches_per_row.tolist()} image tokens"
+        )
     queries_per_row = query_mask.sum(dim=-1)
-    if not bool((queries_per_row > 0).all()):
-        raise ValueError(f"distillation_query_mask selects no position in rows {(queries_per_row == 0).nonzero()}")
     image_positions = image_mask.nonzero()[:, 1].view(batch_size, 1, 1, num_patches)
     query_weights = query_mask.float() / queries_per_row[:, None]  # (batch, seq_len)
     # (batch, num_groups, seq_len or 1, num_patches)

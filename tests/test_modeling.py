@@ -702,7 +702,7 @@ def test_distillation_refuses_what_it_cannot_compute(tiny_config):
     with pytest.raises(ValueError, match="attn_implementation='eager'"):
         sdpa(**batch, distillation_targets=targets, distillation_query_mask=query_mask)
     eager = build_model(tiny_config)
-    with pytest.raises(ValueError, match="exactly one image of 8 patches per row"):
+    with pytest.raises(ValueError, match="exactly one image of 8 patches per distilled row"):
         eager(**batch, distillation_targets=targets[:, :8], distillation_query_mask=query_mask)
     with pytest.raises(ValueError, match="distillation_query_mask"):
         eager(**batch, distillation_targets=targets)
@@ -711,6 +711,29 @@ def test_distillation_refuses_what_it_cannot_compute(tiny_config):
     three_groups = targets[:, None, None, :].expand(-1, batch["input_ids"].shape[1], 3, -1)
     with pytest.raises(ValueError, match="3 head groups, which must divide 4 heads"):
         eager(**batch, distillation_targets=three_groups, distillation_query_mask=query_mask)
+
+
+def test_distillation_skips_rows_without_query_positions():
+    """A row with no distilled position (an audio question batched with image questions) holds no image and adds
+    nothing: the loss is the distilled rows' mean, and a batch without any distilled row gives 0."""
+    generator = torch.Generator().manual_seed(0)
+    attentions = tuple(torch.rand(3, 4, 12, 12, generator=generator).softmax(-1) for _ in range(2))
+    image_mask = torch.zeros(3, 12, dtype=torch.bool)
+    image_mask[[0, 2], 1:5] = True  # rows 0 and 2 hold a 4-patch image, row 1 (audio) none
+    query_mask = torch.zeros(3, 12, dtype=torch.bool)
+    query_mask[[0, 2], 8:] = True
+    targets = torch.rand(3, 4, generator=generator).softmax(-1)
+    loss = attention_distillation_loss(attentions, image_mask, query_mask, targets)
+    alone = [
+        attention_distillation_loss(
+            tuple(a[[row]] for a in attentions), image_mask[[row]], query_mask[[row]], targets[[row]]
+        )
+        for row in (0, 2)
+    ]
+    torch.testing.assert_close(loss, (alone[0] + alone[1]) / 2)
+    assert loss > 0
+    nothing = attention_distillation_loss(attentions, image_mask, torch.zeros_like(query_mask), targets)
+    assert nothing == 0
 
 
 def test_router_and_gates_compute_in_float32_under_autocast(tiny_config):

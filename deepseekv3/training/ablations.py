@@ -5,7 +5,7 @@ so a difference between two variants is what their stages do, not how long they 
 
 - `A` (the seed's recipe): contrastive (`s1` steps) -> attention distillation (`s2`) -> instruction tuning (`s3`).
 - `B` (instruction tuning only): `s1 + s2 + s3` steps of stage 3. It sees every supervised question-answer example
-  A sees (A's stage 2 also trains on the image answers: the distillation collator keeps the reply labels) and more:
+  A sees (A's stage 2 also trains on every answer: the distillation collator keeps the reply labels) and more:
   its stage-1 steps are question answering too. The strongest baseline of the four at equal steps.
 - `C` (A without stage 1): distillation for `s1 + s2` steps, then stage 3.
 - `D` (A without distillation): A's schedule with `attention_distillation_weight=0` in stage 2: the same batches, the

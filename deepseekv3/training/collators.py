@@ -4,11 +4,12 @@
 built-in data sets, in chunks, and keeps one tokenized example per row; training steps then only pad and stack:
 
 - `InstructionCollator` (stage 3, LoRA): the conversation, labels on the assistant's reply only.
-- `DistillationCollator` (stage 2): the same, plus a teacher distribution over patches for each question token that
-  names an object: the region of the object it names, and for the position that predicts the answer, the region of
-  the object the answer is about with half of the heads and, for a relation, the other object with the other half
-  (`distillation_targets`, `(batch, seq_len, 2, num_patches)`), at the positions of `distillation_query_mask` (every
-  question position, with all referred objects' region, when the question names no object).
+- `DistillationCollator` (stage 2): the same, plus, for an image question, a teacher distribution over patches for
+  each question token that names an object: the region of the object it names, and for the position that predicts
+  the answer, the region of the object the answer is about with half of the heads and, for a relation, the other
+  object with the other half (`distillation_targets`, `(batch, seq_len, 2, num_patches)`), at the positions of
+  `distillation_query_mask` (every question position, with all referred objects' region, when the question names no
+  object). An audio question trains on its answer alone.
 - `ContrastiveCollator` (stage 1): every row's caption paired with its image or clip (`contrastive_input_ids`).
 
 A row holds one image (`row["image"]`) or one clip (`row["audio"] = {"array", "sampling_rate"}`); its `messages`
@@ -334,25 +335,32 @@ class InstructionCollator:
 
 
 class DistillationCollator(InstructionCollator):
-    """`InstructionCollator` plus `distillation_targets` and `distillation_query_mask` (image examples only)."""
+    """`InstructionCollator` plus `distillation_targets` and `distillation_query_mask`.
+
+    An example without targets (an audio question) is batched with no distilled position: it trains on its answer
+    alone. A batch without any image example is a plain instruction batch.
+    """
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        if any("distillation_targets" not in example for example in examples):
-            raise ValueError("DistillationCollator takes image examples only (filter on modality == 'image')")
         batch = super().__call__(examples)
+        distilled = [example for example in examples if "distillation_targets" in example]
+        if not distilled:
+            return batch
         length = batch["input_ids"].shape[1]
-        batch["distillation_targets"] = torch.stack(
-            [
-                F.pad(example["distillation_targets"], (0, 0, 0, 0, 0, length - len(example["input_ids"])))
-                for example in examples
-            ]
-        )
-        batch["distillation_query_mask"] = torch.stack(
-            [
-                F.pad(example["distillation_query_mask"], (0, length - len(example["input_ids"])))
-                for example in examples
-            ]
-        )
+        target_shape = distilled[0]["distillation_targets"].shape[1:]
+        targets, query_masks = [], []
+        for example in examples:
+            if "distillation_targets" in example:
+                target, query_mask = example["distillation_targets"], example["distillation_query_mask"]
+            else:
+                target = torch.zeros(len(example["input_ids"]), *target_shape)
+                query_mask = torch.zeros(
+                    len(example["input_ids"]), dtype=distilled[0]["distillation_query_mask"].dtype
+                )
+            targets.append(F.pad(target, (0, 0, 0, 0, 0, length - len(example["input_ids"]))))
+            query_masks.append(F.pad(query_mask, (0, length - len(example["input_ids"]))))
+        batch["distillation_targets"] = torch.stack(targets)
+        batch["distillation_query_mask"] = torch.stack(query_masks)
         return batch
 
 

@@ -44,7 +44,8 @@ def loss_term_item_counts(inputs: Mapping[str, Any]) -> torch.Tensor:
 
     - `lm_loss`: the label tokens that are predicted (`labels[:, 1:] != -100`: the loss shifts the labels);
     - `contrastive_loss`: the text/media pairs (`contrastive_input_ids` rows);
-    - `distillation_loss`: the rows (the term is a mean over rows);
+    - `distillation_loss`: the distilled rows, those with a `distillation_query_mask` position (the term is a mean
+      over them);
     - `gate_sparsity_loss`: the real positions (`attention_mask`, or every position without a 2-D mask);
     - `balance_loss`: the rows (sequences).
 
@@ -73,7 +74,7 @@ def loss_term_item_counts(inputs: Mapping[str, Any]) -> torch.Tensor:
         counts["gate_sparsity_loss"] = int(attention_mask[:, -seq_len:].sum()) if is_padding_mask else rows * seq_len
         counts["balance_loss"] = rows
         if inputs.get("distillation_targets") is not None:
-            counts["distillation_loss"] = rows
+            counts["distillation_loss"] = int(inputs["distillation_query_mask"].bool().any(dim=-1).sum())
     return torch.tensor([counts[name] for name in LOSS_TERMS], dtype=torch.float64)
 
 
@@ -146,6 +147,10 @@ class DeepseekV3Trainer(PrecisionTrainerMixin, Trainer):
         loss = None
         for index, name in enumerate(LOSS_TERMS):
             term = outputs.get(name)
+            if term is not None and items[index] == 0 and loss is None:
+                # a term with no items here (a micro-batch of rows that are not distilled): a zero that keeps the
+                # graph, so that the backward pass still runs on this rank
+                loss = term * 0.0
             if term is None or items[index] == 0:
                 continue
             if step_items[index] == 0:

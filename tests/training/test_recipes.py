@@ -58,7 +58,10 @@ def test_stage_rows(encoded):
     _, rows, examples = encoded
     chosen = {stage: select_stage_examples(stage, rows, examples) for stage in STAGES}
     assert len(chosen["contrastive"]) == len(rows)
-    assert all("distillation_targets" in example for example in chosen["distill"])
+    # stage 2 trains on every seen question; the image questions carry the distillation targets
+    assert len(chosen["distill"]) == len(chosen["instruct"])
+    assert all(("distillation_targets" in example) == ("pixel_values" in example) for example in chosen["distill"])
+    assert any("input_features" in example for example in chosen["distill"])
     held_out = sum(rows["held_out"])
     assert 0 < held_out and len(chosen["lora"]) == held_out and len(chosen["instruct"]) == len(rows) - held_out
     with pytest.raises(ValueError, match="stage \\('pretrain'\\) must be one of"):
@@ -114,7 +117,10 @@ def test_every_caption_and_conversation_starts_with_exactly_one_bos(encoded):
 def test_distillation_targets_are_region_distributions_over_question_positions(encoded):
     tokenizer, rows, examples = encoded
     config = fresh_model(tokenizer).config
-    image_examples = select_stage_examples("distill", rows, examples)[:6]
+    image_examples = [
+        example for example in select_stage_examples("distill", rows, examples) if "pixel_values" in example
+    ]
+    image_examples = image_examples[:6]
     batch = DistillationCollator(config)(image_examples)
     length = batch["input_ids"].shape[1]
     assert batch["distillation_targets"].shape == (6, length, 2, config.num_image_tokens)  # two groups of heads
@@ -123,8 +129,15 @@ def test_distillation_targets_are_region_distributions_over_question_positions(e
     torch.testing.assert_close(batch["distillation_targets"][queries].sum(-1), torch.ones(int(queries.sum()), 2))
     assert not (queries & (batch["input_ids"] == config.image_token_id)).any()
     assert not (queries & (batch["labels"] != -100)).any()
-    with pytest.raises(ValueError, match="image examples only"):
-        DistillationCollator(config)([example for example in examples if "input_features" in example][:2])
+    # audio questions batched with image questions: no distilled position; alone: a plain instruction batch
+    audio_examples = [example for example in examples if "input_features" in example][:2]
+    mixed = DistillationCollator(config)(image_examples[:2] + audio_examples)
+    assert mixed["distillation_query_mask"][:2].any(dim=1).all() and not mixed["distillation_query_mask"][2:].any()
+    assert not mixed["distillation_targets"][2:].any()
+    torch.testing.assert_close(
+        mixed["labels"], InstructionCollator(config)(image_examples[:2] + audio_examples)["labels"]
+    )
+    assert "distillation_targets" not in DistillationCollator(config)(audio_examples)
 
 
 def test_each_object_word_targets_the_region_of_the_object_it_names(encoded):
