@@ -1,9 +1,11 @@
-"""Reinforcement learning on output quality (GRPO, DPO) against the same number of extra instruction-tuning steps.
+"""Reinforcement learning on output quality (GRPO, DPO) against the same number of extra instruction-tuning steps,
+and the seed's "core 80% + edge cases 20%" mix against the core alone, on the built-in data's edge cases.
 
-The seed's flow ends with reinforcement learning that optimises output quality. This measures what TRL's
-`GRPOTrainer` and `DPOTrainer` (`deepseekv3.training.rl`, the recipes `deepseekv3 train --stage grpo / dpo` run) add
-to an instruction-tuned model, against the fair control: the same model trained for the same number of extra
-optimizer steps by instruction tuning (recipe `instruct`) on the same questions.
+The seed's flow ends with reinforcement learning that optimises output quality, on data that gives the long tail a
+fixed share. This measures what TRL's `GRPOTrainer` and `DPOTrainer` (`deepseekv3.training.rl`, the recipes
+`deepseekv3 train --stage grpo / dpo` run) add to an instruction-tuned model, against the fair control: the same
+model trained for the same number of extra optimizer steps by instruction tuning (recipe `instruct`) on the same
+questions; and what the 80/20 mix (`deepseekv3.data.mix_datasets`) does to edge-case accuracy at equal steps.
 
 Command (from the repository root, after `make demo`; the default took 7 minutes on 2 CPU cores):
 
@@ -12,27 +14,32 @@ Command (from the repository root, after `make demo`; the default took 7 minutes
 
 - **Base**: a model `deepseekv3 demo` saved (trained on the demo's data settings: the tokenizer is checked), run
   with the current processor code.
-- **Questions**: the image questions of the seen types in the demo's training split (colour, shape, count,
-  spatial); GRPO passes images, not audio, to the processor, so both arms train on these alone.
+- **Edge cases**: `build_edge_cases` (3-object scenes, objects on the image border, 3-tone clips with no silence
+  between the tones) with the demo's data seed, `EDGE_IMAGES` images and `EDGE_CLIPS` clips split by `EDGE_SPLITS`:
+  their own training, validation and test rows, none of them an image or clip of the core data.
+- **Questions**: the image questions of the seen types (colour, shape, count, spatial); GRPO passes images, not
+  audio, to the processor, so every arm trains on these alone. The arms `grpo`, `dpo` and `instruct` train on the
+  80/20 mix of the demo's training questions (core) and the edge training questions (`mix_datasets`, every core
+  question once and a quarter as many edge questions); `instruct_core` on the core questions alone.
 - **GRPO**: `--steps` steps of 32 completions, `num_generations` 8 (4 questions a step), replies of at most 6 tokens,
   sampled at temperature 1, no KL term (TRL's default `beta` 0).
-- **DPO**: `--steps` steps of 32 preference pairs (`preference_pairs`: the training questions the base model answers
+- **DPO**: `--steps` steps of 32 preference pairs (`preference_pairs`: the mix's questions the base model answers
   wrong by greedy `generate`, the reference answer preferred to its reply), TRL's default sigmoid loss at `beta` 0.1,
   the base checkpoint as the frozen reference.
-- **Control**: `--steps` steps of 32 questions (the demo's batch; 8 times the questions GRPO sees a step, with their
-  reference answers as labels).
-- All three use the demo's schedule otherwise (cosine, 5% warm-up, weight decay 0.01), in fp32 without gradient
+- **Control** (`instruct`) and **core only** (`instruct_core`): `--steps` steps of 32 questions (the demo's batch; 8
+  times the questions GRPO sees a step, with their reference answers as labels).
+- All arms use the demo's schedule otherwise (cosine, 5% warm-up, weight decay 0.01), in fp32 without gradient
   checkpointing (TRL's configs default to bf16 autocast and checkpointing; both are switched off here).
 
-The learning rate of each arm is chosen on the VALIDATION split at seed 0 (mean over the five question types of the
-exact match of greedy `generate`, what users get; ties to the rate listed first). Each arm is then trained at its rate
-for every seed (the seed sets the sampling and the batch order; the base is the same) and read once on the test split:
-all its questions (at least 400 per type) by greedy `generate` with exact match and by closed-set scoring, and the
-hardest scenes, the 3-object ones among them (reported as `three_objects`; the issue's full edge-case split is not
-built yet). Reported: per arm and type the mean and sd over seeds, the paired differences GRPO - control and DPO -
-control (same seed) with a 95% t-interval, the base model's accuracy, the mean reward per logging step (plotted to
-`docs/bench_rl_reward.png`) and the seconds per optimizer step of each arm (two runs at a time, one torch thread
-each, so step times include that sharing).
+The learning rate of each arm is chosen on the VALIDATION splits at seed 0 (the mean of two means of the exact match
+of greedy `generate`, what users get: over the core validation's five question types and over the edge validation's;
+ties to the rate listed first). Each arm is then trained at its rate for every seed (the seed sets the sampling and
+the batch order; the base is the same) and read once on the test splits: the core test (at least 400 questions per
+type) by greedy `generate` with exact match and by closed-set scoring, and the edge test by greedy `generate`.
+Reported: per arm and type the mean and sd over seeds; the paired differences GRPO - control, DPO - control and
+control - core only (same seed) with a 95% t-interval; the base model's accuracy; the mean reward per logging step
+(plotted to `docs/bench_rl_reward.png`) and the seconds per optimizer step of each arm (two runs at a time, one torch
+thread each, so step times include that sharing).
 
 Writes `benchmarks/results/bench_rl.json`.
 """
@@ -53,19 +60,25 @@ from typing import Any
 
 import torch
 from _harness import machine_info
+from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging
 
-from deepseekv3.data import load_conversations
+from deepseekv3.data import build_edge_cases, load_conversations, mix_datasets
 from deepseekv3.modeling_deepseekv3 import DeepseekV3MultimodalForConditionalGeneration
-from deepseekv3.training.demo import DemoSettings, prepare_demo_data, stage_training_arguments
+from deepseekv3.training.collators import encode_rows
+from deepseekv3.training.demo import DemoSettings, _first_per_type, prepare_demo_data, stage_training_arguments
 from deepseekv3.training.evaluation import evaluate_accuracy, generate_answers, reply_accuracy
-from deepseekv3.training.recipes import build_stage_trainer
+from deepseekv3.training.recipes import DEFAULT_EDGE_FRACTION, build_stage_trainer
 from deepseekv3.training.rl import build_dpo_trainer, build_grpo_trainer, grpo_dataset, preference_pairs
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_rl.json"
 PLOT_PATH = Path(__file__).resolve().parent.parent / "docs" / "bench_rl_reward.png"
-ARMS = ("grpo", "dpo", "instruct")
+ARMS = ("grpo", "dpo", "instruct", "instruct_core")
+# the differences reported: (arm, against)
+COMPARISONS = (("grpo", "instruct"), ("dpo", "instruct"), ("instruct", "instruct_core"))
+EDGE_IMAGES, EDGE_CLIPS = 4000, 1000
+EDGE_SPLITS = {"train": 0.6, "validation": 0.1, "test": 0.3}
 LEARNING_RATES = {arm: (1e-4, 3e-4, 1e-3) for arm in ARMS}
 NUM_GENERATIONS = 8
 MAX_COMPLETION_LENGTH = 6
@@ -82,7 +95,20 @@ def _setup(settings: dict[str, Any], threads: int):
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
     key = json.dumps(settings, sort_keys=True)
     if key not in _DATA:
-        _DATA[key] = prepare_demo_data(DemoSettings(**settings), progress=False)
+        demo_settings = DemoSettings(**settings)
+        data = prepare_demo_data(demo_settings, progress=False)
+        edge = build_edge_cases(EDGE_IMAGES, EDGE_CLIPS, seed=demo_settings.data_seed,
+                                image_size=demo_settings.image_size, split_sizes=EDGE_SPLITS)  # fmt: skip
+        for split in ("train", "validation", "test"):
+            rows = edge[split].select(
+                [index for index, held_out in enumerate(edge[split]["held_out"]) if not held_out]
+            )
+            if split != "train":
+                rows = _first_per_type(rows, demo_settings.eval_per_type)
+            data.rows[f"edge_{split}"] = rows
+        edge_train = data.rows["edge_train"]
+        data.examples["edge_train"] = encode_rows(data.processor, edge_train, demo_settings.patch_size, progress=False)
+        _DATA[key] = data
     return DemoSettings(**settings), _DATA[key]
 
 
@@ -98,11 +124,27 @@ def _seen_image_indices(rows) -> list[int]:
             if not held_out and modality == "image"]  # fmt: skip
 
 
+def _training_questions(arm: str, data, seed: int) -> tuple[Any, list[dict[str, Any]]]:
+    """The rows (as `load_conversations` takes them) and encoded examples an arm trains on: the seen image questions
+    of the core training split, mixed 80/20 with the edge training split's unless the arm is `instruct_core` (the
+    trainers shuffle, so only how often each question comes matters)."""
+    picks = {"train": _seen_image_indices(data.rows["train"])}
+    if arm != "instruct_core":
+        picks["edge_train"] = _seen_image_indices(data.rows["edge_train"])
+        core, edge = (
+            Dataset.from_dict({"split": [split] * len(picks[split]), "index": picks[split]}) for split in picks
+        )
+        mix = mix_datasets(core, edge, edge_fraction=DEFAULT_EDGE_FRACTION, seed=seed)
+        picks = {split: [i for s, i in zip(mix["split"], mix["index"], strict=True) if s == split] for split in picks}
+    rows = concatenate_datasets([data.rows[split].select(indices) for split, indices in picks.items()])
+    examples = [data.examples[split][index] for split, indices in picks.items() for index in indices]
+    return rows, examples
+
+
 def _train(arm: str, learning_rate: float, seed: int, steps: int, settings: DemoSettings, data, base_dir: str):
     """One arm from the base weights; returns the model, the reward log (GRPO) and the seconds per step."""
     model = _load_base(base_dir)
-    train_rows = data.rows["train"]
-    indices = _seen_image_indices(train_rows)
+    rows, examples = _training_questions(arm, data, seed)
     output_dir = tempfile.mkdtemp(prefix=f"bench_rl_{arm}_")
     # the control's arguments (the demo's schedule); the TRL arms take the same, in fp32 without checkpointing (TRL's
     # configs default to bf16 autocast and gradient checkpointing)
@@ -118,17 +160,16 @@ def _train(arm: str, learning_rate: float, seed: int, steps: int, settings: Demo
         args = GRPOConfig(
             **trl_arguments, num_generations=NUM_GENERATIONS, max_completion_length=MAX_COMPLETION_LENGTH
         )
-        prompts = grpo_dataset(load_conversations(train_rows.select(indices)))
-        trainer = build_grpo_trainer(model, data.processor, prompts, args)
+        trainer = build_grpo_trainer(model, data.processor, grpo_dataset(load_conversations(rows)), args)
     elif arm == "dpo":
         from trl import DPOConfig
 
-        if "pairs" not in _DATA:  # the base model's wrong replies: the same in every run
-            _DATA["pairs"] = preference_pairs(model, data.processor, load_conversations(train_rows.select(indices)))
-        trainer = build_dpo_trainer(model, data.processor, _DATA["pairs"], DPOConfig(**trl_arguments),
+        if ("pairs", seed) not in _DATA:  # the base model's wrong replies on this seed's mix
+            _DATA["pairs", seed] = preference_pairs(model, data.processor, load_conversations(rows))
+        trainer = build_dpo_trainer(model, data.processor, _DATA["pairs", seed], DPOConfig(**trl_arguments),
                                     _load_base(base_dir))  # fmt: skip
     else:
-        trainer = build_stage_trainer("instruct", model, [data.examples["train"][index] for index in indices], args)
+        trainer = build_stage_trainer("instruct", model, examples, args)
     started = time.perf_counter()
     trainer.train()
     seconds_per_step = (time.perf_counter() - started) / steps
@@ -146,18 +187,17 @@ def _mean(accuracy: dict[str, float]) -> float:
     return sum(accuracy.values()) / len(accuracy)
 
 
-def _three_objects(rows):
-    return [index for index, objects in enumerate(rows["objects"]) if objects is not None and len(objects) == 3]
+def _validation(model, data) -> dict[str, Any]:
+    """Greedy-`generate` accuracy on the core and the edge validation splits, and the score rates are chosen by."""
+    core, edge = _generated(model, data, "validation"), _generated(model, data, "edge_validation")
+    return {"generated": core, "edge_generated": edge, "score": (_mean(core) + _mean(edge)) / 2}
 
 
 def _test(model, data) -> dict[str, Any]:
-    rows = data.rows["test"]
-    replies = generate_answers(model, data.processor, rows, progress=False)
-    three = _three_objects(rows)
     return {
-        "generated": reply_accuracy(rows, replies),
-        "scored": evaluate_accuracy(model, data.processor, rows, data.examples["test"], progress=False),
-        "three_objects_generated": reply_accuracy(rows.select(three), [replies[index] for index in three]),
+        "generated": _generated(model, data, "test"),
+        "scored": evaluate_accuracy(model, data.processor, data.rows["test"], data.examples["test"], progress=False),
+        "edge_generated": _generated(model, data, "edge_test"),
     }
 
 
@@ -166,13 +206,11 @@ def sweep_run(arm, learning_rate, steps, settings, base_dir, state_path, threads
     demo_settings, data = _setup(settings, threads)
     model, rewards, seconds_per_step = _train(arm, learning_rate, 0, steps, demo_settings, data, base_dir)
     torch.save(model.state_dict(), state_path)
-    validation = _generated(model, data, "validation")
     return {
         "arm": arm,
         "learning_rate": learning_rate,
         "seed": 0,
-        "validation_generated": validation,
-        "validation_mean": _mean(validation),
+        "validation": _validation(model, data),
         "rewards": rewards,
         "seconds_per_step": seconds_per_step,
     }
@@ -198,7 +236,7 @@ def base_run(settings, base_dir, threads) -> dict[str, Any]:
     """The base model before either arm: validation and test."""
     _, data = _setup(settings, threads)
     model = _load_base(base_dir).eval()
-    return {"validation_generated": _generated(model, data, "validation"), "test": _test(model, data)}
+    return {"validation": _validation(model, data), "test": _test(model, data)}
 
 
 def _interval(differences: list[float]) -> dict[str, float]:
@@ -210,10 +248,9 @@ def _interval(differences: list[float]) -> dict[str, float]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per arm, measure and type: mean and sd over seeds; GRPO - control and DPO - control per seed with a 95%
-    interval."""
-    measures = ("generated", "scored", "three_objects_generated")
-    summary: dict[str, Any] = {"arms": {}, "grpo_minus_instruct": {}, "dpo_minus_instruct": {}}
+    """Per arm, measure and type: mean and sd over seeds; each of `COMPARISONS` per seed with a 95% interval."""
+    measures = ("generated", "scored", "edge_generated")
+    summary: dict[str, Any] = {"arms": {}} | {f"{arm}_minus_{against}": {} for arm, against in COMPARISONS}
     by_arm = {arm: sorted((run for run in runs if run["arm"] == arm), key=lambda run: run["seed"]) for arm in ARMS}
     for arm, arm_runs in by_arm.items():
         summary["arms"][arm] = {}
@@ -225,8 +262,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                         "sd": statistics.stdev(values) if len(values) > 1 else 0.0}  # fmt: skip
             table["mean"] = {"mean": statistics.mean(_mean(run["test"][measure]) for run in arm_runs)}
             summary["arms"][arm][measure] = table
-    for arm in ("grpo", "dpo"):
-        pairs = list(zip(by_arm[arm], by_arm["instruct"], strict=True))
+    for arm, against in COMPARISONS:
+        pairs = list(zip(by_arm[arm], by_arm[against], strict=True))
         for measure in measures:
             differences = {
                 question_type: _interval(
@@ -240,7 +277,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             differences["mean"] = _interval(
                 [_mean(run["test"][measure]) - _mean(control["test"][measure]) for run, control in pairs]
             )
-            summary[f"{arm}_minus_instruct"][measure] = differences
+            summary[f"{arm}_minus_{against}"][measure] = differences
     return summary
 
 
@@ -272,24 +309,23 @@ def _check_tokenizer(base_dir: Path, settings: DemoSettings) -> None:
 
 
 def _print_tables(summary: dict[str, Any], base: dict[str, Any]) -> None:
-    types = list(base["test"]["generated"])
-    print("| test, greedy generate | " + " | ".join(types) + " | mean | 3-object scenes (mean) |")
-    print("| --- |" + " ---: |" * (len(types) + 2))
-    base_three = _mean(base["test"]["three_objects_generated"])
-    cells = [f"{base['test']['generated'][t]:.2f}" for t in types]
-    print(f"| base | {' | '.join(cells)} | {_mean(base['test']['generated']):.2f} | {base_three:.2f} |")
-    for arm in ARMS:
-        table = summary["arms"][arm]
-        cells = [f"{table['generated'][t]['mean']:.2f} ± {table['generated'][t]['sd']:.2f}" for t in types]
-        three = table["three_objects_generated"]["mean"]["mean"]
-        print(f"| {arm} | {' | '.join(cells)} | {table['generated']['mean']['mean']:.2f} | {three:.2f} |")
-    for arm in ("grpo", "dpo"):
-        for measure in ("generated", "three_objects_generated"):
+    for measure, title in (("generated", "core test"), ("edge_generated", "edge-case test")):
+        types = list(base["test"][measure])
+        print(f"| {title}, greedy generate | " + " | ".join(types) + " | mean |")
+        print("| --- |" + " ---: |" * (len(types) + 1))
+        cells = [f"{base['test'][measure][t]:.2f}" for t in types]
+        print(f"| base | {' | '.join(cells)} | {_mean(base['test'][measure]):.2f} |")
+        for arm in ARMS:
+            table = summary["arms"][arm][measure]
+            cells = [f"{table[t]['mean']:.2f} ± {table[t]['sd']:.2f}" for t in types]
+            print(f"| {arm} | {' | '.join(cells)} | {table['mean']['mean']:.2f} |")
+    for arm, against in COMPARISONS:
+        for measure in ("generated", "edge_generated"):
             cells = []
-            for key, value in summary[f"{arm}_minus_instruct"][measure].items():
+            for key, value in summary[f"{arm}_minus_{against}"][measure].items():
                 cells.append(f"{key} {value['mean']:+.2f} [{value.get('low', float('nan')):+.2f}, "
                              f"{value.get('high', float('nan')):+.2f}]")  # fmt: skip
-            print(f"{arm} - instruct ({measure}): " + "; ".join(cells))
+            print(f"{arm} - {against} ({measure}): " + "; ".join(cells))
 
 
 def main(argv=None) -> dict:
@@ -322,7 +358,7 @@ def main(argv=None) -> dict:
         sweep_futures = [pool.submit(sweep_run, arm, rate, steps, settings, str(args.base), state[arm, rate], 1)
                          for arm in ARMS for rate in rates[arm]]  # fmt: skip
         sweep = [future.result() for future in sweep_futures]
-        chosen = {arm: max((run for run in sweep if run["arm"] == arm), key=lambda run: run["validation_mean"])
+        chosen = {arm: max((run for run in sweep if run["arm"] == arm), key=lambda run: run["validation"]["score"])
                   for arm in ARMS}  # fmt: skip
         chosen_rates = {arm: run["learning_rate"] for arm, run in chosen.items()}
         seed_futures = [pool.submit(seed_run, arm, chosen_rates[arm], seed, steps, settings, str(args.base),
@@ -353,6 +389,10 @@ def main(argv=None) -> dict:
             "num_generations": NUM_GENERATIONS,
             "max_completion_length": MAX_COMPLETION_LENGTH,
             "learning_rates": rates,
+            "edge_images": EDGE_IMAGES,
+            "edge_clips": EDGE_CLIPS,
+            "edge_splits": EDGE_SPLITS,
+            "edge_fraction": DEFAULT_EDGE_FRACTION,
         },  # fmt: skip
         "chosen_learning_rates": chosen_rates,
         "seconds_per_step": seconds_per_step,
