@@ -111,8 +111,8 @@ class StageArguments:
     edge_fraction: float | None = field(
         default=None,
         metadata={
-            "help": "with --edge_dataset: the share of edge cases in the mix, in [0, 1) (default 0.2: the seed's "
-            "80/20)"
+            "help": "the share of edge cases in the mix, in [0, 1): of --edge_dataset with --dataset (default 0.2: "
+            "the seed's 80/20), or, on the built-in data, of its edge cases (deepseekv3.data.build_edge_cases)"
         },
     )
     question_column: str = field(default="question", metadata={"help": "--dataset rows without messages: question"})

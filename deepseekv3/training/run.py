@@ -12,10 +12,11 @@ base model given by `--model_name_or_path`) and the processor; with `--merge`, t
 from collections.abc import Sequence
 
 import torch
+from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser, TrainingArguments, set_seed
 from transformers.utils import logging
 
-from ..data import build_multimodal_dataset, build_text_corpus, load_conversations, mix_datasets
+from ..data import build_edge_cases, build_multimodal_dataset, build_text_corpus, load_conversations, mix_datasets
 from ..tokenization import train_tokenizer
 from .collators import encode_conversations, encode_rows
 from .demo import DemoSettings, build_demo_model
@@ -78,7 +79,7 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
         raise ValueError(
             f"{', '.join(given)}: options of --stage lora, which --stage {stage_args.stage} does not read"
         )
-    if stage_args.edge_fraction is not None and not stage_args.edge_dataset:
+    if stage_args.edge_fraction is not None and stage_args.dataset and not stage_args.edge_dataset:
         raise ValueError("--edge_fraction is the share of --edge_dataset in the mix: pass --edge_dataset too")
     if stage_args.eval_dataset and not stage_args.dataset:
         raise ValueError("--eval_dataset evaluates training on your own data: pass --dataset too")
@@ -127,9 +128,8 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
     if own is not None:
         examples = encode_conversations(processor, own)
     else:
-        data = build_multimodal_dataset(stage_args.num_images, stage_args.num_clips, seed=stage_args.dataset_seed)
-        examples = encode_rows(processor, data["train"], model.config.patch_size)
-        examples = select_stage_examples(stage_args.stage, data["train"], examples)
+        rows = builtin_training_rows(stage_args, training_args.seed)
+        examples = select_stage_examples(stage_args.stage, rows, encode_rows(processor, rows, model.config.patch_size))
     if stage_args.stage == "lora":
         from peft import get_peft_model
 
@@ -159,14 +159,30 @@ def run_training(stage_args: StageArguments, training_args: TrainingArguments) -
     return training_args.output_dir
 
 
+def builtin_training_rows(stage_args: StageArguments, seed: int) -> Dataset:
+    """The built-in data's training split; with `--edge_fraction`, mixed with the training split of its edge cases
+    (`build_edge_cases`, a quarter as many images and clips, drawn from the same `--dataset_seed`)."""
+    rows = build_multimodal_dataset(stage_args.num_images, stage_args.num_clips, seed=stage_args.dataset_seed)["train"]
+    if stage_args.edge_fraction is None:
+        return rows
+    # build_edge_cases needs an image of each of its two kinds and a clip per split
+    num_images, num_clips = max(stage_args.num_images // 4, 6), max(stage_args.num_clips // 4, 3)
+    edge = build_edge_cases(num_images, num_clips, seed=stage_args.dataset_seed)["train"]
+    mixed = mix_datasets(rows, edge, stage_args.edge_fraction, seed=seed)
+    logger.warning(
+        f"training on {len(rows)} rows of the built-in data and {len(mixed) - len(rows)} of its edge cases, drawn "
+        f"from {len(edge)} (edge_fraction {stage_args.edge_fraction})"
+    )
+    return mixed
+
+
 def _run_reinforcement(stage_args, training_args, model, processor, own, own_eval) -> str:
     """`--stage grpo` or `dpo` (TRL's trainers) on image questions: your own, or the built-in training split's seen
     question types."""
     from .rl import build_dpo_trainer, build_grpo_trainer, grpo_dataset, preference_pairs
 
     if own is None:
-        rows = build_multimodal_dataset(stage_args.num_images, stage_args.num_clips, seed=stage_args.dataset_seed)
-        rows = rows["train"]
+        rows = builtin_training_rows(stage_args, training_args.seed)
         seen_images = [index for index, (held_out, modality) in enumerate(zip(rows["held_out"], rows["modality"]))
                        if not held_out and modality == "image"]  # fmt: skip
         own = load_conversations(rows.select(seen_images))

@@ -354,12 +354,31 @@ def test_train_command_fine_tunes_on_your_own_json_lines(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_edge_fraction_mixes_the_builtin_edge_cases_into_the_builtin_data():
+    from deepseekv3.training.run import builtin_training_rows, parse_train_arguments
+
+    stage_args, _ = parse_train_arguments(
+        ["--stage", "instruct", "--num_images", "200", "--num_clips", "60", "--edge_fraction", "0.2"]
+        + ["--output_dir", "unused", "--use_cpu"]
+    )
+    mixed = builtin_training_rows(stage_args, seed=0)
+    stage_args.edge_fraction = None
+    core = builtin_training_rows(stage_args, seed=0)
+    core_keys = {(row["modality"], repr(row["objects"]), repr(row["tones"])) for row in core}
+    mixed_keys = [(row["modality"], repr(row["objects"]), repr(row["tones"])) for row in mixed]
+    # every core row once, and round(len(core) * 0.2 / 0.8) rows that are no core row: the edge cases
+    assert core_keys <= set(mixed_keys)
+    edge = [key for key in mixed_keys if key not in core_keys]
+    assert len(edge) == round(len(core) * 0.2 / 0.8) == len(mixed) - len(core)
+    assert any(modality == "audio" for modality, _, _ in edge) and any(modality == "image" for modality, _, _ in edge)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         (["--stage", "instruct", "--lora_rank", "4"], "--lora_rank: options of --stage lora"),
         (["--stage", "contrastive", "--merge", "true"], "--merge: options of --stage lora"),
-        (["--stage", "instruct", "--edge_fraction", "0.3"], "pass --edge_dataset too"),
+        (["--stage", "instruct", "--dataset", "mine.jsonl", "--edge_fraction", "0.3"], "pass --edge_dataset too"),
     ],
 )
 def test_an_option_the_stage_does_not_read_is_refused_not_ignored(tmp_path, options, message):
