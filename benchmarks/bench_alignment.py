@@ -1,9 +1,11 @@
 """What each alignment stage buys, at equal compute, on held-out test questions, over seeds.
 
-Command (from the repository root; the default, 4 variants x 3 seeds, takes about an hour on 2 CPU cores):
+Command (from the repository root; the default, 4 variants x 3 seeds, took 43 minutes on 2 CPU cores):
 
     .venv/bin/python benchmarks/bench_alignment.py
     .venv/bin/python benchmarks/bench_alignment.py --seeds 0 --variants A B     # one pair, a few minutes
+    # another schedule, to compare on the validation split (`validation_after` of each run)
+    .venv/bin/python benchmarks/bench_alignment.py --variants A --stage_steps distill=1800,instruct=600 --output a.json
 
 The demo's data, tokenizer, model and schedule (`deepseekv3.training.demo`, `DemoSettings()`), every variant of
 `deepseekv3.training.ablations` from the same initial weights per seed, for the same total optimizer steps:
@@ -44,6 +46,7 @@ from tqdm.auto import tqdm
 
 from deepseekv3.training.ablations import VARIANTS
 from deepseekv3.training.demo import QUESTION_TYPES, DemoSettings, evaluate_split, prepare_demo_data, train_variant
+from deepseekv3.training.pipeline import _split_steps
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_alignment.json"
 # two-sided 95% quantiles of Student's t by degrees of freedom
@@ -144,9 +147,19 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--initializer_range", type=float, default=DemoSettings.initializer_range, help="std of the initial weights"
     )
+    parser.add_argument(
+        "--stage_steps",
+        default="",
+        help="A's steps per stage instead of the demo's, e.g. distill=1800,instruct=600 (variants keep its total)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_PATH)
     args = parser.parse_args(argv)
-    settings = asdict(DemoSettings(eval_per_type=None, baseline=False, initializer_range=args.initializer_range))
+    stage_steps = DemoSettings().stage_steps | _split_steps(args.stage_steps, ("contrastive", "distill", "instruct"))
+    settings = asdict(
+        DemoSettings(
+            eval_per_type=None, baseline=False, initializer_range=args.initializer_range, stage_steps=stage_steps
+        )
+    )
     started = time.perf_counter()
     runs = []
     jobs = [(variant, seed) for seed in args.seeds for variant in args.variants]
