@@ -29,7 +29,7 @@ def edge():
 
 @pytest.fixture(scope="module")
 def core_and_edge():
-    """A core data set and edge cases of the same seed, at the sizes of the brief."""
+    """A core data set and edge cases of the same seed (small, so the comparison stays quick)."""
     core = build_multimodal_dataset(400, 150, seed=0, clip_seconds=_CLIP_SECONDS)
     return core, build_edge_cases(200, 80, seed=0, clip_seconds=_CLIP_SECONDS)
 
