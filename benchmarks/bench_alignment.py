@@ -30,7 +30,6 @@ Writes `benchmarks/results/bench_alignment.json` (every run's figures, the summa
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-import transformers
+from _harness import machine_info
 from tqdm.auto import tqdm
 
 from deepseekv3.training.ablations import VARIANTS
@@ -173,12 +172,7 @@ def main(argv=None) -> dict:
     print_tables(summary, floors)
     result = {
         "command": "python benchmarks/bench_alignment.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "machine": machine_info("cuda" if torch.cuda.is_available() else "cpu"),
         "seconds": round(time.perf_counter() - started, 1),
         "settings": settings,
         "floors": floors,

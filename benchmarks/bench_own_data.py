@@ -48,8 +48,6 @@ markdown. `--quick` (small data, 40 steps, one seed, one rate) writes to `/tmp/b
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -62,6 +60,7 @@ import datasets
 import numpy as np
 import torch
 import transformers
+from _harness import machine_info
 from transformers import AutoProcessor, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging
@@ -402,13 +401,7 @@ def main(argv=None) -> dict[str, Any]:
         "benchmark": "bench_own_data",
         "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
         "quick": args.quick,
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "machine": machine_info("cuda" if torch.cuda.is_available() else "cpu"),
         "seconds": round(time.perf_counter() - started, 1),
         "settings": {
             "base": args.base,
