@@ -13,8 +13,11 @@ from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
+from transformers.utils import logging
 
 __all__ = ["DeepseekV3MultimodalConfig"]
+
+logger = logging.get_logger(__name__)
 
 TEXT_MODALITY_ID = 0
 IMAGE_MODALITY_ID = 1
@@ -212,11 +215,19 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
             )
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"topk_group ({self.topk_group}) must be in [1, n_group ({self.n_group})]")
-        experts_in_chosen_groups = self.topk_group * (self.n_routed_experts // self.n_group)
-        if not 1 <= self.num_experts_per_tok <= experts_in_chosen_groups:
+        if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
             raise ValueError(
-                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, topk_group * n_routed_experts / "
-                f"n_group ({experts_in_chosen_groups})]"
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, n_routed_experts "
+                f"({self.n_routed_experts})]"
+            )
+        experts_in_chosen_groups = self.topk_group * (self.n_routed_experts // self.n_group)
+        if self.num_experts_per_tok > experts_in_chosen_groups:
+            # transformers' DeepseekV3Config accepts it (its own test config does this), and its router computes it
+            logger.warning(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) is more than the {experts_in_chosen_groups} "
+                f"experts of the topk_group ({self.topk_group}) groups a token is routed to: as in transformers' "
+                "DeepseekV3TopkRouter, the others are taken from the groups not chosen, whose scores are masked to "
+                "-inf, in the order torch.topk returns ties"
             )
         for name in ("router_bias_update_rate", "sequence_balance_loss_weight", "attention_distillation_weight"):
             if getattr(self, name) < 0:

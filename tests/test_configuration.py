@@ -78,7 +78,7 @@ def test_derived_sizes():
         ({"qk_rope_head_dim": 7}, "qk_rope_head_dim"),
         ({"n_routed_experts": 10, "n_group": 4}, "n_routed_experts"),
         ({"topk_group": 5, "n_group": 4}, "topk_group"),
-        ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
+        ({"num_experts_per_tok": 9}, "num_experts_per_tok"),  # more than the 8 routed experts
         ({"attention_gate_ratio": 0}, "attention_gate_ratio"),
         ({"attention_gate_skip_threshold": 1.0}, "attention_gate_skip_threshold"),
         ({"patch_size": 5}, "patch_size"),

@@ -86,6 +86,29 @@ def test_gate_off_matches_transformers_logits_both_directions(tiny_text_config, 
     assert (back - expected).abs().max() <= 1e-5
 
 
+def test_upstream_test_config_routing_past_the_chosen_groups_loads_and_matches_transformers():
+    """transformers' own DeepSeek-V3 test config routes each token to 8 experts while its 1 chosen group of 2 holds 4:
+    upstream's router then takes the other 4 from the masked group. Ours loads it (with a warning) and computes the
+    same logits."""
+    from transformers.testing_utils import CaptureLogger
+
+    import deepseekv3.configuration_deepseekv3 as configuration
+
+    routing = {"n_routed_experts": 8, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 8}
+    upstream_config = DeepseekV3Config(**{**TINY_TEXT_KWARGS, **routing})
+    upstream = DeepseekV3ForCausalLM(upstream_config).eval()
+    with CaptureLogger(configuration.logger) as captured:
+        ours_config = DeepseekV3MultimodalConfig.from_text_config(upstream_config)
+    assert "num_experts_per_tok (8) is more than the 4 experts" in captured.out
+    ours = build_model(ours_config, "eager")
+    ours.load_state_dict(upstream.state_dict(), strict=True)
+    input_ids = torch.randint(0, 96, (2, 24))
+    with torch.no_grad():
+        expected = upstream(input_ids=input_ids).logits
+        actual = ours(input_ids=input_ids).logits
+    assert (actual - expected).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("experts_implementation", ["eager", "grouped_mm"])
 def test_experts_kernels_are_selectable_as_upstream(tiny_text_config, experts_implementation):
     upstream = DeepseekV3ForCausalLM(DeepseekV3Config(**TINY_TEXT_KWARGS)).eval()
