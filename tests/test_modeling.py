@@ -94,15 +94,22 @@ def test_upstream_test_config_routing_past_the_chosen_groups_loads_and_matches_t
 
     import deepseekv3.configuration_deepseekv3 as configuration
 
-    routing = {"n_routed_experts": 8, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 8}
-    upstream_config = DeepseekV3Config(**{**TINY_TEXT_KWARGS, **routing})
+    # the values of transformers' DeepseekV3ModelTester.get_config (tests/models/deepseek_v3)
+    upstream_config = DeepseekV3Config(
+        vocab_size=99, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
+        routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=16, v_head_dim=32,
+        qk_nope_head_dim=32, n_group=2, topk_group=1, num_experts_per_tok=8, first_k_dense_replace=1,
+        norm_topk_prob=True, aux_loss_alpha=0.001, hidden_act="silu", max_position_embeddings=512,
+        initializer_range=0.02, use_cache=True, pad_token_id=0, attention_dropout=0.0,
+    )  # fmt: skip
     upstream = DeepseekV3ForCausalLM(upstream_config).eval()
     with CaptureLogger(configuration.logger) as captured:
         ours_config = DeepseekV3MultimodalConfig.from_text_config(upstream_config)
     assert "num_experts_per_tok (8) is more than the 4 experts" in captured.out
     ours = build_model(ours_config, "eager")
     ours.load_state_dict(upstream.state_dict(), strict=True)
-    input_ids = torch.randint(0, 96, (2, 24))
+    input_ids = torch.randint(0, 99, (2, 24))
     with torch.no_grad():
         expected = upstream(input_ids=input_ids).logits
         actual = ours(input_ids=input_ids).logits
