@@ -747,8 +747,11 @@ class DeepseekV3MultimodalModel(DeepseekV3MultimodalPreTrainedModel):
     def _check_length(self, total_length: int) -> None:
         limit = self.config.max_position_embeddings
         if total_length > limit:
-            raise ValueError(
-                f"Sequence length {total_length} (cached + new tokens) exceeds max_position_embeddings ({limit})"
+            # upstream runs it too: RoPE has no hard limit, and rope scaling (YaRN, dynamic, linear) exists for this
+            logger.warning_once(
+                f"Sequence length {total_length} (cached + new tokens) is longer than max_position_embeddings "
+                f"({limit}), the length the model is configured for: it runs, as in transformers' DeepSeek-V3, but "
+                "quality past it is unknown unless rope_parameters scale the positions (e.g. YaRN)"
             )
 
     def embed_inputs(

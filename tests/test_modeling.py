@@ -568,7 +568,6 @@ def test_bad_inputs_raise_clear_errors(tiny_config):
         (dict(batch, input_features=torch.randn(2, 8, 40)), "40 frames"),
         (dict(batch, input_features=batch["input_features"][:, :, :10]), "12 audio placeholder tokens but the 2"),
         ({"input_ids": batch["input_ids"]}, "64 image placeholder tokens but no `pixel_values`"[2:]),
-        ({"input_ids": torch.randint(5, 96, (1, 129))}, r"Sequence length 129 .* max_position_embeddings \(128\)"),
         ({"input_ids": batch["input_ids"], "inputs_embeds": torch.randn(2, 4, 32)}, "got both"),
         ({}, "got neither"),
         ({"inputs_embeds": torch.randn(2, 4, 32), "pixel_values": batch["pixel_values"]}, "locate their placeholders"),
@@ -576,6 +575,23 @@ def test_bad_inputs_raise_clear_errors(tiny_config):
     for inputs, message in cases:
         with pytest.raises(ValueError, match=message):
             model(**inputs)
+
+
+def test_a_sequence_past_max_position_embeddings_runs_as_upstream_with_a_warning(tiny_text_config):
+    from transformers.testing_utils import CaptureLogger
+
+    import deepseekv3.modeling_deepseekv3 as modeling
+
+    upstream = DeepseekV3ForCausalLM(DeepseekV3Config(**TINY_TEXT_KWARGS)).eval()
+    ours = build_model(tiny_text_config)
+    ours.load_state_dict(upstream.state_dict(), strict=True)
+    input_ids = torch.randint(5, 96, (1, 129))  # max_position_embeddings is 128
+    logger = modeling.logger
+    with CaptureLogger(logger) as captured, torch.no_grad():
+        actual = ours(input_ids=input_ids).logits
+        expected = upstream(input_ids=input_ids).logits
+    assert "Sequence length 129 (cached + new tokens) is longer than max_position_embeddings (128)" in captured.out
+    assert (actual - expected).abs().max() <= 1e-5
 
 
 def test_media_for_a_modality_the_config_lacks_is_refused(tiny_text_config):
