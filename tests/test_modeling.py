@@ -241,6 +241,23 @@ def test_incremental_decoding_equals_full_forward_with_gates_and_media(media_con
     torch.testing.assert_close(incremental[valid], full[valid], atol=1e-5, rtol=1e-5)
 
 
+def test_past_key_values_is_accepted_for_cache_as_upstream(tiny_config):
+    """transformers 5's backward-compatible name: `past_key_values=` is `cache=` (with its deprecation warning), for
+    the base model and the LM, as upstream's DeepSeek-V3 takes it."""
+    model = build_model(tiny_config, "sdpa")
+    make_gates_vary(model)
+    input_ids = torch.randint(5, 96, (2, 10))
+    with torch.no_grad():
+        full = model(input_ids=input_ids).logits[:, -1]
+        for module in (model, model.model):
+            prefix = module(input_ids=input_ids[:, :-1], use_cache=True)
+            with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+                step = module(input_ids=input_ids[:, -1:], past_key_values=prefix.cache, use_cache=True)
+            assert step.cache is prefix.cache and step.cache.get_seq_length() == 10
+            if module is model:
+                torch.testing.assert_close(step.logits[:, -1], full, atol=1e-5, rtol=1e-5)
+
+
 def test_left_padding_does_not_change_a_rows_logits(tiny_config):
     model = build_model(tiny_config, "sdpa")
     make_gates_vary(model)
