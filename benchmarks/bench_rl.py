@@ -70,7 +70,13 @@ from deepseekv3.training.collators import encode_rows
 from deepseekv3.training.demo import DemoSettings, _first_per_type, prepare_demo_data, stage_training_arguments
 from deepseekv3.training.evaluation import evaluate_accuracy, generate_answers, reply_accuracy
 from deepseekv3.training.recipes import DEFAULT_EDGE_FRACTION, build_stage_trainer
-from deepseekv3.training.rl import build_dpo_trainer, build_grpo_trainer, grpo_dataset, preference_pairs
+from deepseekv3.training.rl import (
+    build_dpo_trainer,
+    build_grpo_trainer,
+    grpo_dataset,
+    preference_pairs,
+    seen_image_indices,
+)
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_rl.json"
 PLOT_PATH = Path(__file__).resolve().parent.parent / "docs" / "bench_rl_reward.png"
@@ -119,18 +125,13 @@ def _load_base(base_dir: str) -> DeepseekV3MultimodalForConditionalGeneration:
     return model
 
 
-def _seen_image_indices(rows) -> list[int]:
-    return [index for index, (held_out, modality) in enumerate(zip(rows["held_out"], rows["modality"], strict=True))
-            if not held_out and modality == "image"]  # fmt: skip
-
-
 def _training_questions(arm: str, data, seed: int) -> tuple[Any, list[dict[str, Any]]]:
     """The rows (as `load_conversations` takes them) and encoded examples an arm trains on: the seen image questions
     of the core training split, mixed 80/20 with the edge training split's unless the arm is `instruct_core` (the
     trainers shuffle, so only how often each question comes matters)."""
-    picks = {"train": _seen_image_indices(data.rows["train"])}
+    picks = {"train": seen_image_indices(data.rows["train"])}
     if arm != "instruct_core":
-        picks["edge_train"] = _seen_image_indices(data.rows["edge_train"])
+        picks["edge_train"] = seen_image_indices(data.rows["edge_train"])
         core, edge = (
             Dataset.from_dict({"split": [split] * len(picks[split]), "index": picks[split]}) for split in picks
         )

@@ -38,9 +38,16 @@ __all__ = [
     "grpo_dataset",
     "one_word_reward",
     "preference_pairs",
+    "seen_image_indices",
 ]
 
 _ONE_WORD = re.compile(r"[^\W\d_]+")
+
+
+def seen_image_indices(rows: Dataset) -> list[int]:
+    """Indices of the built-in data's rows RL trains on: the image questions, held-out templates left out."""
+    return [index for index, (held_out, modality) in enumerate(zip(rows["held_out"], rows["modality"], strict=True))
+            if not held_out and modality == "image"]  # fmt: skip
 
 
 def _reply_text(completion: str | list[dict[str, Any]]) -> str:

@@ -179,13 +179,11 @@ def builtin_training_rows(stage_args: StageArguments, seed: int) -> Dataset:
 def _run_reinforcement(stage_args, training_args, model, processor, own, own_eval) -> str:
     """`--stage grpo` or `dpo` (TRL's trainers) on image questions: your own, or the built-in training split's seen
     question types."""
-    from .rl import build_dpo_trainer, build_grpo_trainer, grpo_dataset, preference_pairs
+    from .rl import build_dpo_trainer, build_grpo_trainer, grpo_dataset, preference_pairs, seen_image_indices
 
     if own is None:
         rows = builtin_training_rows(stage_args, training_args.seed)
-        seen_images = [index for index, (held_out, modality) in enumerate(zip(rows["held_out"], rows["modality"]))
-                       if not held_out and modality == "image"]  # fmt: skip
-        own = load_conversations(rows.select(seen_images))
+        own = load_conversations(rows.select(seen_image_indices(rows)))
     callbacks = []
     if own_eval is not None and all(len(last_reply(row).split()) <= SHORT_REPLY_WORDS for row in own_eval):
         callbacks.append(ExactMatchCallback(processor, own_eval))
