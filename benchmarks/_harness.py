@@ -120,6 +120,16 @@ def kept_rounds(rounds: list[dict]) -> list[dict]:
     return clean if len(clean) >= 5 else rounds
 
 
+def median_times(
+    steps: dict[str, Callable[[], float]], variants: tuple[str, ...], repeats: int, budget_s: float, device: str
+) -> tuple[dict[str, float], list[dict]]:
+    """`time_variants` from now, then each variant's median seconds over the `kept_rounds`; returns the medians and
+    the kept rounds."""
+    rounds, _ = time_variants(steps, variants, repeats, budget_s, device, time.perf_counter())
+    kept = kept_rounds(rounds)
+    return {name: statistics.median(r["times"][name] for r in kept) for name in variants}, kept
+
+
 def memory_baseline(device: str) -> int:
     """Bytes in use before the variant exists (CUDA allocator, or the process RSS)."""
     gc.collect()
@@ -146,6 +156,15 @@ def two_step_memory(step: Callable[[], float], device: str, base: int) -> dict[s
     return {"peak_mb": (peak - base) / mib, "step_peak_mb": (peak - ready) / mib}
 
 
+def cpu_peak_mib(run: Callable[[], object]) -> float:
+    """MiB the process's resident set reaches while `run()` runs, above the RSS before it (the kernel's high-water
+    mark, reset first: run it in a memory worker, see the module docstring)."""
+    before = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    run()
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -167,6 +186,32 @@ def machine_info(device: str) -> dict:
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def benchmark_record(script: str, device: str) -> dict:
+    """The head of a results JSON: the benchmark's name, the command that ran it and the machine."""
+    name = Path(script).stem
+    return {
+        "benchmark": name,
+        "command": " ".join([Path(sys.executable).name, f"benchmarks/{name}.py", *sys.argv[1:]]),
+        "machine": machine_info(device),
+    }
+
+
+def headline_entries(figures: list[tuple[str, float, float | None, bool]]) -> list[dict]:
+    """`(name, value, target, higher_is_better)` tuples as the results JSON's `headline` list."""
+    return [
+        {"name": name, "value": round(value, 4), "target": target, "higher_is_better": higher}
+        for name, value, target, higher in figures
+    ]
+
+
+def write_results(result: dict, output: Path, started: float) -> None:
+    """Adds the wall time since `started` and writes `result` to `output` as JSON."""
+    result["wall_time_s"] = time.perf_counter() - started
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"Wrote {output} ({result['wall_time_s']:.0f} s)")
 
 
 def measure_memory_in_worker(script: str, name: str, device: str, batch_size: int, seq_len: int) -> dict:

@@ -6,17 +6,28 @@ auto-class saving, so `save_pretrained` / `push_to_hub` write `auto_map` and cop
 
 from importlib.util import find_spec
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+from ._quiet_import import quiet_torchao_import
 
-from .configuration_deepseekv3 import DeepseekV3MultimodalConfig
-from .modeling_deepseekv3 import (
-    DeepseekV3MultimodalCausalLMOutputWithPast,
-    DeepseekV3MultimodalForConditionalGeneration,
-    DeepseekV3MultimodalModel,
-    DeepseekV3MultimodalModelOutputWithPast,
-    DeepseekV3MultimodalPreTrainedModel,
-)
-from .processing_deepseekv3 import DeepseekV3MultimodalProcessor
+# the first import of a transformers model class imports torchao where it is installed (see `_quiet_import`)
+with quiet_torchao_import():
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoModelForMultimodalLM,
+        AutoProcessor,
+    )
+
+    from .configuration_deepseekv3 import DeepseekV3MultimodalConfig
+    from .modeling_deepseekv3 import (
+        DeepseekV3MultimodalCausalLMOutputWithPast,
+        DeepseekV3MultimodalForConditionalGeneration,
+        DeepseekV3MultimodalModel,
+        DeepseekV3MultimodalModelOutputWithPast,
+        DeepseekV3MultimodalPreTrainedModel,
+    )
+    from .processing_deepseekv3 import DeepseekV3MultimodalProcessor
 
 __all__ = [
     "DeepseekV3MultimodalConfig",
@@ -32,6 +43,9 @@ AutoConfig.register(DeepseekV3MultimodalConfig.model_type, DeepseekV3MultimodalC
 AutoModel.register(DeepseekV3MultimodalConfig, DeepseekV3MultimodalModel, exist_ok=True)
 AutoModelForCausalLM.register(DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(
+    DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration, exist_ok=True
+)
+AutoModelForMultimodalLM.register(
     DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration, exist_ok=True
 )
 AutoProcessor.register(DeepseekV3MultimodalConfig, DeepseekV3MultimodalProcessor, exist_ok=True)

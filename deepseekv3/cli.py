@@ -1,6 +1,6 @@
 """The `deepseekv3` command: argument parsing and dispatch to the package's modules.
 
-deepseekv3 convert SRC DST
+deepseekv3 convert SRC DST [--base-model HUB_ID]
 deepseekv3 demo [--output ./outputs/demo] [--quick]
 deepseekv3 train --stage {contrastive,distill,instruct,lora,grpo,dpo} --output_dir DIR [any TrainingArguments option]
 deepseekv3 train --stages contrastive,distill,instruct,grpo --output_dir DIR [--stage_steps contrastive=200,...] [...]
@@ -18,7 +18,7 @@ def _convert(args: argparse.Namespace) -> None:
     from .convert import convert_checkpoint
 
     try:
-        dst_dir = convert_checkpoint(args.src, args.dst)
+        dst_dir = convert_checkpoint(args.src, args.dst, base_model=args.base_model)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise SystemExit(f"deepseekv3 convert: error: {error}") from error
     print(f"converted {args.src} -> {dst_dir}")
@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("src", help="directory written by DeepseekV3ForCausalLM.save_pretrained")
     convert.add_argument("dst", help="directory to write (must not exist, or be empty)")
+    convert.add_argument(
+        "--base-model",
+        default=None,
+        help="the source's Hub id, the model card's base_model (default: read from a Hugging Face cache path)",
+    )
     convert.set_defaults(handler=_convert)
 
     demo = commands.add_parser(

@@ -5,7 +5,8 @@ The text path of [`DeepseekV3MultimodalForConditionalGeneration`] has the same s
 (every new feature off) next to the source's safetensors files, hard-linked or copied unchanged. No tensor is read:
 the check that the files fit the converted model compares their headers with a meta-device model, so memory stays
 flat whatever the checkpoint's size. `config.json` (with `auto_map`), `generation_config.json` and the code files that
-let the result load with `trust_remote_code=True` anywhere are written by the model's own `save_pretrained`.
+let the result load with `trust_remote_code=True` anywhere are written by the model's own `save_pretrained`; the model
+card (`README.md`) names the source, as `base_model` where that is a Hub id.
 """
 
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from transformers import DeepseekV3Config, GenerationConfig
 from transformers.core_model_loading import revert_weight_conversion
@@ -25,6 +27,7 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.utils import GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .configuration_deepseekv3 import DeepseekV3MultimodalConfig
+from .model_card import build_model_card
 from .modeling_deepseekv3 import DeepseekV3MultimodalForConditionalGeneration
 
 __all__ = ["convert_checkpoint"]
@@ -127,6 +130,43 @@ def _check_weights_match(
     raise ValueError(message)
 
 
+def _hub_id_of(src_dir: Path) -> str | None:
+    """The Hub id of a checkpoint in the Hugging Face cache (`.../models--{owner}--{name}/snapshots/{revision}`)."""
+    snapshot = src_dir.resolve()
+    # the cache spells "/" as "--", which a Hub id cannot contain
+    if snapshot.parent.name == "snapshots" and snapshot.parent.parent.name.startswith("models--"):
+        return snapshot.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return None
+
+
+def _converted_model_card(
+    config: DeepseekV3MultimodalConfig,
+    src_dir: Path,
+    dst_dir: Path,
+    base_model: str | None,
+    changed_fields: dict[str, Any],
+) -> ModelCard:
+    """The converted checkpoint's card: its source (`base_model` where that is a Hub id) and how to load it."""
+    source = f"`{base_model}`" if base_model else f"The checkpoint in `{src_dir}`"
+    if changed_fields:
+        settings = "with " + ", ".join(f"`{name}={value!r}`" for name, value in changed_fields.items())
+    else:
+        settings = "with every new feature off, so it computes what transformers' `DeepseekV3ForCausalLM` computes"
+    return build_model_card(
+        config,
+        model_name=dst_dir.resolve().name,
+        description=(
+            f"{source}, a transformers DeepSeek-V3 checkpoint, converted by `deepseekv3 convert` into "
+            f"`deepseekv3_multimodal`: its safetensors files unchanged, under a `DeepseekV3MultimodalConfig` built "
+            f"from its text configuration {settings}.\n\n"
+            "Load it with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`. A feature with "
+            "parameters of its own is switched on by passing its field to `from_pretrained` (for example "
+            "`use_attention_gate=True`), which initialises the new modules."
+        ),
+        base_model=base_model,
+    )
+
+
 def _link_or_copy(source: Path, destination: Path) -> None:
     try:
         os.link(source, destination)
@@ -134,7 +174,9 @@ def _link_or_copy(source: Path, destination: Path) -> None:
         shutil.copy2(source, destination)
 
 
-def convert_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, **config_overrides: Any) -> Path:
+def convert_checkpoint(
+    src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, base_model: str | None = None, **config_overrides: Any
+) -> Path:
     """Convert a transformers `DeepseekV3ForCausalLM` checkpoint directory into a `deepseekv3_multimodal` one.
 
     The safetensors files (shards and `model.safetensors.index.json`, or one `model.safetensors`) are hard-linked
@@ -151,6 +193,10 @@ def convert_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *
             `deepseek_v3` and safetensors weights).
         dst_dir (`str` or `os.PathLike`):
             Where to write the converted checkpoint. Must not exist, or be an empty directory.
+        base_model (`str`, *optional*):
+            The source's Hub id, written as `base_model` in the model card (`README.md`). Defaults to the id in the
+            path of a Hugging Face cache snapshot (`.../models--deepseek-ai--DeepSeek-V3/snapshots/...`); for another
+            directory the card names its path in the text only, as `base_model` must be a Hub id.
         **config_overrides:
             Fields of [`DeepseekV3MultimodalConfig`] set on top of the source text configuration. One that adds or
             reshapes parameters (e.g. `use_attention_gate=True`) has no weights in the source and is refused; pass it
@@ -198,6 +244,9 @@ def convert_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *
         for name in _TOKENIZER_FILES:
             if (src_dir / name).is_file():
                 shutil.copy2(src_dir / name, staging_dir / name)
+        _converted_model_card(config, src_dir, dst_dir, base_model or _hub_id_of(src_dir), changed_fields).save(
+            staging_dir / "README.md"
+        )
         # rename(2) is atomic on one file system and replaces an empty directory.
         os.replace(staging_dir, dst_dir)
     except BaseException:

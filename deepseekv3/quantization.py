@@ -141,7 +141,7 @@ def train_qat(
     QAT works best as the last steps of the model's own training run: pass a `Trainer` checkpoint of that run as
     `resume_from_checkpoint` (with the run's `args`), and the fake-quantized model continues its optimizer state,
     learning-rate schedule and data order to `args.max_steps`. Fine-tuning a finished model again restarts the
-    optimizer and the schedule: on the demo model (benchmarks/bench_efficiency.py), 40 such steps at a learning rate
+    optimizer and the schedule: on the demo model (benchmarks/bench_int8.py), 40 such steps at a learning rate
     of 3e-5 or 3e-4 moved the accuracy by -4.6 to +1.0 points with the data order, as much without fake
     quantization as with it.
 

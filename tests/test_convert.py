@@ -12,6 +12,7 @@ import pytest
 import torch
 from _blocked_load import load_without_deepseekv3
 from conftest import TINY_TEXT_KWARGS
+from huggingface_hub import ModelCard
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -31,6 +32,7 @@ SCRIPT_TIMEOUT_S = 120
 PACKAGE_DIR = Path(deepseekv3.__file__).parent
 INPUT_IDS = torch.tensor([[1, 5, 9, 17, 33, 2, 60, 61], [1, 7, 8, 40, 41, 42, 43, 95]])
 CODE_FILES = ("configuration_deepseekv3.py", "modeling_deepseekv3.py")
+HUB_ID = "deepseek-ai/DeepSeek-V3"
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 # About 300 MB of float32 weights (6 layers, 16 experts of 512x512), written as 100 MB shards.
@@ -192,7 +194,7 @@ def test_console_script_converts(source, tmp_path):
     assert CONSOLE_SCRIPT.is_file(), f"console script {CONSOLE_SCRIPT} is not installed (pip install -e .)"
     dst_dir = tmp_path / "converted"
     result = subprocess.run(
-        [str(CONSOLE_SCRIPT), "convert", str(source_dir), str(dst_dir)],
+        [str(CONSOLE_SCRIPT), "convert", str(source_dir), str(dst_dir), "--base-model", HUB_ID],
         cwd=tmp_path,
         env=_package_env(),
         capture_output=True,
@@ -203,6 +205,37 @@ def test_console_script_converts(source, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert str(dst_dir) in result.stdout
     _assert_converted(dst_dir, source_dir, expected_logits, tmp_path)
+    assert ModelCard.load(dst_dir / "README.md").data.base_model == HUB_ID
+
+
+@pytest.mark.parametrize(
+    ("location", "base_model", "expected"),
+    [
+        ("source", HUB_ID, HUB_ID),
+        ("hub_cache/models--deepseek-ai--DeepSeek-V3/snapshots/0123abc", None, HUB_ID),
+        ("source", None, None),
+    ],
+    ids=["given", "hub-cache-snapshot", "local-directory"],
+)
+def test_model_card_names_the_source(source, tmp_path, location, base_model, expected):
+    source_dir, _ = source
+    if location != "source":
+        (tmp_path / location).parent.mkdir(parents=True)
+        source_dir = source_dir.rename(tmp_path / location)
+    dst_dir = convert_checkpoint(source_dir, tmp_path / "converted", base_model=base_model)
+    card = ModelCard.load(dst_dir / "README.md")
+    assert card.data.base_model == expected
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    # a local directory is no Hub id, which base_model must be: the text names it instead
+    assert f"`{expected or source_dir}`" in card.text and "# converted" in card.text
+    assert "every new feature off" in card.text
+
+
+def test_model_card_lists_the_overrides(source, tmp_path):
+    source_dir, _ = source
+    dst_dir = convert_checkpoint(source_dir, tmp_path / "out", max_position_embeddings=256)
+    card = ModelCard.load(dst_dir / "README.md")
+    assert "`max_position_embeddings=256`" in card.text and "every new feature off" not in card.text
 
 
 def test_console_script_reports_bad_input_without_traceback(tmp_path):

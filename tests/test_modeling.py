@@ -1,12 +1,16 @@
 """The model: parity with transformers' DeepSeek-V3, causality, cache, generate, features, precision, bad input."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_MEDIA_KWARGS, TINY_TEXT_KWARGS
+from safetensors import safe_open
 from test_configuration import load_official_config_dict
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel, AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from deepseekv3 import (
     DeepseekV3MultimodalConfig,
@@ -18,6 +22,64 @@ from deepseekv3.modeling_deepseekv3 import attention_distillation_loss, contrast
 IMAGE_TOKEN, AUDIO_TOKEN = TINY_MEDIA_KWARGS["image_token_id"], TINY_MEDIA_KWARGS["audio_token_id"]
 NUM_IMAGE_TOKENS = (TINY_MEDIA_KWARGS["image_size"] // TINY_MEDIA_KWARGS["patch_size"]) ** 2
 AUDIO_FRAMES = 12  # 6 audio tokens at stride 2
+
+# Every tensor of `tiny_config` with every feature on (and a 4-channel conv stem): the names and shapes are the
+# checkpoint format, so a change may add a new feature's keys but never rename, reshape or drop one of these.
+EXPECTED_STATE_DICT_SHAPES = {
+    "lm_head.weight": (96, 32),
+    "model.audio_frame_embedding.bias": (32,),
+    "model.audio_frame_embedding.weight": (32, 8, 2),
+    "model.audio_projection.weight": (16, 32),
+    "model.embed_tokens.weight": (96, 32),
+    "model.image_patch_embedding.bias": (32,),
+    "model.image_patch_embedding.weight": (32, 4, 8, 8),
+    "model.image_position_embedding.weight": (16, 32),
+    "model.image_projection.weight": (16, 32),
+    "model.image_stem.0.bias": (4,),
+    "model.image_stem.0.weight": (4, 3, 3, 3),
+    "model.image_stem.2.bias": (4,),
+    "model.image_stem.2.weight": (4, 4, 3, 3),
+    "model.layers.0.input_layernorm.weight": (32,),
+    "model.layers.0.mlp.down_proj.weight": (32, 64),
+    "model.layers.0.mlp.gate_proj.weight": (64, 32),
+    "model.layers.0.mlp.up_proj.weight": (64, 32),
+    "model.layers.0.post_attention_layernorm.weight": (32,),
+    "model.layers.0.self_attn.head_gate.down_proj.bias": (2,),
+    "model.layers.0.self_attn.head_gate.down_proj.weight": (2, 16),
+    "model.layers.0.self_attn.head_gate.up_proj.bias": (4,),
+    "model.layers.0.self_attn.head_gate.up_proj.weight": (4, 2),
+    "model.layers.0.self_attn.kv_a_layernorm.weight": (16,),
+    "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": (24, 32),
+    "model.layers.0.self_attn.kv_b_proj.weight": (64, 16),
+    "model.layers.0.self_attn.o_proj.weight": (32, 32),
+    "model.layers.0.self_attn.q_a_layernorm.weight": (16,),
+    "model.layers.0.self_attn.q_a_proj.weight": (16, 32),
+    "model.layers.0.self_attn.q_b_proj.weight": (64, 16),
+    "model.layers.1.input_layernorm.weight": (32,),
+    "model.layers.1.mlp.experts.down_proj": (8, 32, 16),
+    "model.layers.1.mlp.experts.gate_up_proj": (8, 32, 32),
+    "model.layers.1.mlp.gate.e_score_correction_bias": (8,),
+    "model.layers.1.mlp.gate.weight": (8, 32),
+    "model.layers.1.mlp.shared_experts.down_proj.weight": (32, 16),
+    "model.layers.1.mlp.shared_experts.gate_proj.weight": (16, 32),
+    "model.layers.1.mlp.shared_experts.up_proj.weight": (16, 32),
+    "model.layers.1.post_attention_layernorm.weight": (32,),
+    "model.layers.1.self_attn.head_gate.down_proj.bias": (2,),
+    "model.layers.1.self_attn.head_gate.down_proj.weight": (2, 16),
+    "model.layers.1.self_attn.head_gate.up_proj.bias": (4,),
+    "model.layers.1.self_attn.head_gate.up_proj.weight": (4, 2),
+    "model.layers.1.self_attn.kv_a_layernorm.weight": (16,),
+    "model.layers.1.self_attn.kv_a_proj_with_mqa.weight": (24, 32),
+    "model.layers.1.self_attn.kv_b_proj.weight": (64, 16),
+    "model.layers.1.self_attn.o_proj.weight": (32, 32),
+    "model.layers.1.self_attn.q_a_layernorm.weight": (16,),
+    "model.layers.1.self_attn.q_a_proj.weight": (16, 32),
+    "model.layers.1.self_attn.q_b_proj.weight": (64, 16),
+    "model.logit_scale": (),
+    "model.modality_type_embedding.weight": (3, 32),
+    "model.norm.weight": (32,),
+    "model.text_projection.weight": (16, 32),
+}
 
 
 def build_model(config: DeepseekV3MultimodalConfig, attn_implementation: str = "eager"):
@@ -327,6 +389,66 @@ def test_save_and_reload_through_auto_classes(tiny_config, tmp_path):
     torch.testing.assert_close(base.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
+def all_features_config(tiny_config) -> DeepseekV3MultimodalConfig:
+    return DeepseekV3MultimodalConfig(**{**tiny_config.to_dict(), "image_conv_stem_channels": 4})
+
+
+def test_state_dict_keys_and_shapes_are_the_checkpoint_format(tiny_config):
+    model = build_model(all_features_config(tiny_config))
+    assert {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()} == EXPECTED_STATE_DICT_SHAPES
+
+
+def test_saved_checkpoint_stores_experts_one_by_one_as_upstream(tiny_config, tmp_path):
+    """On disk every routed expert has its own `gate_proj` / `up_proj` / `down_proj` (the official DeepSeek-V3
+    layout, which transformers fuses on load); every other tensor is saved under its state-dict name."""
+    build_model(all_features_config(tiny_config)).save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as saved:
+        saved_shapes = {name: tuple(saved.get_slice(name).get_shape()) for name in saved.keys()}
+    expected = {name: shape for name, shape in EXPECTED_STATE_DICT_SHAPES.items() if ".mlp.experts." not in name}
+    for name, shape in EXPECTED_STATE_DICT_SHAPES.items():
+        if name.endswith(".mlp.experts.down_proj"):
+            prefix, (num_experts, hidden, intermediate) = name.removesuffix("down_proj"), shape
+            for expert in range(num_experts):
+                expected[f"{prefix}{expert}.gate_proj.weight"] = (intermediate, hidden)
+                expected[f"{prefix}{expert}.up_proj.weight"] = (intermediate, hidden)
+                expected[f"{prefix}{expert}.down_proj.weight"] = (hidden, intermediate)
+    assert saved_shapes == expected
+
+
+PLAN_CONFIGS = {
+    "text": {},
+    "every_feature": {**TINY_MEDIA_KWARGS, "use_attention_gate": True, "use_image_position_values": True},
+    "dense_no_q_lora": {"first_k_dense_replace": 2, "q_lora_rank": None},
+}
+
+
+def generic_names(model: torch.nn.Module) -> set[str]:
+    """Module and parameter names with layer indices as `*`, the form of the parallel plans."""
+    names = [name for name, _ in [*model.named_modules(), *model.named_parameters()]]
+    return {".".join("*" if part.isdigit() else part for part in name.split(".")) for name in names}
+
+
+@pytest.mark.parametrize("features", PLAN_CONFIGS)
+def test_tensor_parallel_plan_names_only_built_modules(features):
+    """Every entry of the parallel plans names a module or parameter the config builds, for features on and off;
+    upstream's plans for the LM head (tensor, pipeline, FSDP) are kept."""
+    config = DeepseekV3MultimodalConfig(**{**TINY_TEXT_KWARGS, **PLAN_CONFIGS[features]})
+    model = build_model(config)
+    for module in (model, model.model):
+        built = generic_names(module)
+        assert module.tp_plan and module.pp_plan
+        for plan in (module.tp_plan, module.ep_plan, module.pp_plan, module.fsdp_plan):
+            assert set(plan) <= built, sorted(set(plan) - built)
+    plan = model.tp_plan
+    assert DeepseekV3ForCausalLM._tp_plan.items() <= plan.items()
+    assert DeepseekV3ForCausalLM._pp_plan.items() <= model.pp_plan.items()
+    assert DeepseekV3ForCausalLM._fsdp_plan.items() <= model.fsdp_plan.items()
+    optional = ("model.layers.*.self_attn.head_gate.up_proj", "model.text_projection", "model.image_projection")
+    assert all((name in plan) == (features == "every_feature") for name in optional)
+    assert ("model.layers.*.mlp.experts" in plan) == (features != "dense_no_q_lora")
+    assert ("model.layers.*.self_attn.q_proj" in plan) == (features == "dense_no_q_lora")
+
+
 # --- Training machinery ----------------------------------------------------------------------------------------
 
 
@@ -374,6 +496,39 @@ def test_bfloat16_load_keeps_sensitive_modules_in_float32(tiny_config, tmp_path)
     assert seen >= set(sensitive)
     out = model(**multimodal_batch())  # mixed fp32/bf16 modules run without autocast
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+
+
+def is_kept_in_fp32(name: str, modules: set[str]) -> bool:
+    """transformers' own test of the lists (`test_keep_in_fp32_modules`): an entry names whole dotted components."""
+    return any(re.search(rf"(?:^|\.){module}(?:\.|$)", name) for module in modules)
+
+
+@pytest.mark.parametrize("features", PLAN_CONFIGS)
+def test_fp32_module_lists_name_only_built_modules_and_hold_in_init(features):
+    config = DeepseekV3MultimodalConfig(**{**TINY_TEXT_KWARGS, **PLAN_CONFIGS[features]})
+    torch.set_default_dtype(torch.bfloat16)  # the fixture restores float32
+    model = DeepseekV3MultimodalForConditionalGeneration(config)
+    strict = model._keep_in_fp32_modules_strict
+    assert not model._keep_in_fp32_modules & strict
+    assert strict == model.model._keep_in_fp32_modules_strict
+    names = list(model.state_dict())
+    for module in strict:
+        assert any(is_kept_in_fp32(name, {module}) for name in names), f"{module} names no tensor of the model"
+    assert ("head_gate" in strict) == ("modality_type_embedding" in strict) == (features == "every_feature")
+    for name, tensor in model.state_dict().items():
+        if "rotary_emb" not in name:
+            assert tensor.dtype == (torch.float32 if is_kept_in_fp32(name, strict) else torch.bfloat16), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_modules_load_as_transformers_checks_them(tiny_config, tmp_path, dtype):
+    """The load keeps in fp32 exactly what the strict list names, read as transformers' common test reads it (whole
+    dotted components) and as `from_pretrained` applies it (a pattern search): the two readings agree."""
+    build_model(tiny_config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    for name, tensor in model.state_dict().items():
+        expected = torch.float32 if is_kept_in_fp32(name, model._keep_in_fp32_modules_strict) else dtype
+        assert tensor.dtype == expected, name
 
 
 # --- Each new config field does what it claims -----------------------------------------------------------------
@@ -541,19 +696,66 @@ def test_contrastive_features(tiny_config):
     batch = multimodal_batch()
     assert model.model.logit_scale.item() == pytest.approx(torch.log(torch.tensor(1 / 0.07)).item())
     input_ids = torch.randint(5, 96, (2, 7))
-    text = model.get_text_features(input_ids)
+    text = model.get_text_features(input_ids=input_ids).pooler_output
     padded_ids = torch.cat([input_ids, torch.zeros(2, 3, dtype=torch.long)], dim=1)
     padded_mask = torch.cat([torch.ones(2, 7), torch.zeros(2, 3)], dim=1).long()
-    torch.testing.assert_close(model.get_text_features(padded_ids, padded_mask), text, atol=1e-5, rtol=1e-5)
-    image = model.get_image_features(batch["pixel_values"])
-    audio = model.get_audio_features(batch["input_features"])
+    padded = model.get_text_features(input_ids=padded_ids, attention_mask=padded_mask).pooler_output
+    torch.testing.assert_close(padded, text, atol=1e-5, rtol=1e-5)
+    image = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+    audio = model.get_audio_features(input_features=batch["input_features"]).pooler_output
     assert text.shape == image.shape == audio.shape == (2, 16)
     assert not torch.allclose(image[0], image[1])
 
 
-def test_projection_features_need_their_heads(tiny_text_config):
+@pytest.mark.parametrize("owner", ["model", "base"])
+def test_feature_getters_follow_transformers_multimodal_convention(tiny_config, owner):
+    """As transformers 5's multimodal models: keyword inputs, `output_hidden_states` / `output_attentions` /
+    `return_dict` honoured, a `BaseModelOutputWithPooling` whose `pooler_output` is the projected feature."""
+    model = build_model(tiny_config)
+    module = model if owner == "model" else model.model
+    batch = multimodal_batch()
+    text_ids = torch.randint(5, 96, (2, 7))
+    calls = {
+        "text": (module.get_text_features, {"input_ids": text_ids}, 7),
+        "image": (module.get_image_features, {"pixel_values": batch["pixel_values"]}, NUM_IMAGE_TOKENS),
+        "audio": (module.get_audio_features, {"input_features": batch["input_features"]}, AUDIO_FRAMES // 2),
+    }
+    layers = tiny_config.num_hidden_layers
+    for getter, inputs, length in calls.values():
+        with torch.no_grad():
+            outputs = getter(**inputs, output_hidden_states=True, output_attentions=True)
+            as_tuple = getter(**inputs, return_dict=False)
+        assert isinstance(outputs, BaseModelOutputWithPooling)
+        assert outputs.last_hidden_state.shape == (2, length, tiny_config.hidden_size)
+        assert outputs.pooler_output.shape == (2, tiny_config.contrastive_projection_dim)
+        assert len(outputs.hidden_states) == layers + 1 and len(outputs.attentions) == layers
+        assert outputs.attentions[0].shape == (2, tiny_config.num_attention_heads, length, length)
+        assert isinstance(as_tuple, tuple)
+        torch.testing.assert_close(as_tuple[1], outputs.pooler_output)
+        assert getter(**inputs).hidden_states is None
+    model.config.return_dict = False
+    assert isinstance(module.get_text_features(input_ids=text_ids), tuple)
+
+
+def test_text_features_without_projection_heads_are_the_pooled_final_states(tiny_text_config):
+    model = build_model(tiny_text_config)
+    input_ids = torch.randint(5, 96, (2, 7))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 5:] = 0
+    with torch.no_grad():
+        features = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    assert features.shape == (2, tiny_text_config.hidden_size)
+    torch.testing.assert_close(features[0], hidden[0].mean(dim=0))
+    torch.testing.assert_close(features[1], hidden[1, :5].mean(dim=0))
+    for getter, inputs in (
+        (model.get_image_features, {"pixel_values": torch.randn(1, 3, 16, 16)}),
+        (model.get_audio_features, {"input_features": torch.randn(1, 8, 12)}),
+    ):
+        with pytest.raises(ValueError, match=r"needs use_(image|audio)_input=True"):
+            getter(**inputs)
     with pytest.raises(ValueError, match="contrastive_projection_dim"):
-        build_model(tiny_text_config).get_text_features(torch.randint(5, 96, (1, 4)))
+        model.model.contrastive_loss(input_ids)
 
 
 # transformers 5.24 passes flex attention's deprecated `_compile` flag itself; that warning is not ours to fix.
@@ -679,9 +881,12 @@ def test_contrastive_batch_masks_identical_captions_and_media(tiny_config):
     captions[3] = captions[2]  # the two clips share a caption
     features = {"pixel_values": pixel_values, "input_features": batch["input_features"]}
     loss = model(**features, contrastive_input_ids=captions).contrastive_loss
-    text = model.model.get_text_features(captions)
+    text = model.model.get_text_features(input_ids=captions).pooler_output
     media = torch.cat(
-        [model.model.get_image_features(pixel_values), model.model.get_audio_features(batch["input_features"])]
+        [
+            model.model.get_image_features(pixel_values=pixel_values).pooler_output,
+            model.model.get_audio_features(input_features=batch["input_features"]).pooler_output,
+        ]
     )
     is_false_negative = torch.zeros(4, 4, dtype=torch.bool)
     is_false_negative[0, 1] = is_false_negative[1, 0] = is_false_negative[2, 3] = is_false_negative[3, 2] = True

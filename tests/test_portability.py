@@ -19,12 +19,18 @@ import deepseekv3
 from deepseekv3 import DeepseekV3MultimodalForConditionalGeneration
 
 PACKAGE_DIR = Path(deepseekv3.__file__).parent
-REQUIRED_CORE_MODULES = ("configuration_deepseekv3", "modeling_deepseekv3")
-OPTIONAL_CORE_MODULES = ("processing_deepseekv3",)
+REQUIRED_CORE_MODULES = (
+    "configuration_deepseekv3",
+    "modeling_deepseekv3",
+    "attention_deepseekv3",
+    "embeddings_deepseekv3",
+    "losses_deepseekv3",
+)
+OPTIONAL_CORE_MODULES = ("processing_deepseekv3", "media_deepseekv3", "layout_deepseekv3")
 ALLOWED_THIRD_PARTY = {"torch", "numpy", "PIL", "transformers", "huggingface_hub", "tokenizers", "safetensors"}
 INPUT_IDS = [[1, 5, 9, 17, 33, 2, 60, 61], [1, 7, 8, 40, 41, 42, 43, 95]]
 # `save_pretrained` must write these Auto classes into `auto_map` so each loads with trust_remote_code alone.
-REQUIRED_AUTO_MAP = {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+REQUIRED_AUTO_MAP = {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForMultimodalLM"}
 
 
 def _offline_env(tmp_path: Path) -> dict[str, str]:
@@ -45,8 +51,10 @@ def saved_checkpoint(tmp_path_factory):
     model.save_pretrained(checkpoint_dir)
     with torch.no_grad():
         input_ids = torch.tensor(INPUT_IDS)
+        logits = model(input_ids=input_ids).logits
         expected = {
-            "AutoModelForCausalLM": model(input_ids=input_ids).logits,
+            "AutoModelForCausalLM": logits,
+            "AutoModelForMultimodalLM": logits,
             "AutoModel": model.model(input_ids=input_ids).last_hidden_state,
         }
     return checkpoint_dir, expected
@@ -55,7 +63,8 @@ def saved_checkpoint(tmp_path_factory):
 def test_save_pretrained_writes_code_files_and_auto_map(saved_checkpoint):
     checkpoint_dir, _ = saved_checkpoint
     files = {path.name for path in checkpoint_dir.iterdir()}
-    assert {"config.json", "configuration_deepseekv3.py", "modeling_deepseekv3.py", "model.safetensors"} <= files
+    # the model file and every core module it imports with `from .name import ...`, next to the weights
+    assert {"config.json", "model.safetensors", *(f"{name}.py" for name in REQUIRED_CORE_MODULES)} <= files
     config = json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8"))
     assert config["model_type"] == "deepseekv3_multimodal"
     missing = REQUIRED_AUTO_MAP - set(config.get("auto_map", {}))
@@ -71,7 +80,7 @@ def test_loads_with_auto_class_after_import(saved_checkpoint):
     torch.testing.assert_close(logits, expected["AutoModelForCausalLM"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("auto_class", ["AutoModelForCausalLM", "AutoModel"])
+@pytest.mark.parametrize("auto_class", ["AutoModelForCausalLM", "AutoModelForMultimodalLM", "AutoModel"])
 def test_loads_with_trust_remote_code_where_deepseekv3_is_blocked(saved_checkpoint, tmp_path, auto_class):
     checkpoint_dir, expected = saved_checkpoint
     output, loaded = load_without_deepseekv3(checkpoint_dir, auto_class, INPUT_IDS, tmp_path, _offline_env(tmp_path))

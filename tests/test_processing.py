@@ -24,6 +24,8 @@ from deepseekv3.configuration_deepseekv3 import (
     TEXT_MODALITY_ID,
     DeepseekV3MultimodalConfig,
 )
+from deepseekv3.layout_deepseekv3 import media_spans
+from deepseekv3.media_deepseekv3 import load_images
 from deepseekv3.modeling_deepseekv3 import DeepseekV3MultimodalForConditionalGeneration
 from deepseekv3.processing_deepseekv3 import DeepseekV3MultimodalProcessor
 from deepseekv3.tokenization import load_default_tokenizer
@@ -240,6 +242,32 @@ def test_left_truncation_drops_a_leading_clip_whole(processor):
     assert out["input_ids"].shape[1] <= 6
 
 
+def test_truncation_drop_keeps_the_adjacent_clip_that_fits_with_only_its_frames(processor):
+    short, long = _clip(1000), _clip(3000, seed=1)  # 7 / 19 frames: 3 / 9 tokens, one run of 12 audio tokens
+    out = processor(
+        text="<audio><audio> tail",
+        audio=[short, long],
+        truncation=True,
+        max_length=5,  # keeps the first clip whole, cuts the second
+        media_truncation="drop",
+        return_tensors="pt",
+    )
+    alone = processor(text="<audio>", audio=short, return_tensors="pt")
+    assert out["input_ids"][0].tolist() == [AUDIO_ID] * (7 // STRIDE)
+    assert out["input_features"].shape[-1] == 7 and out["input_features_mask"].tolist() == [[1] * 7]
+    torch.testing.assert_close(out["input_features"], alone["input_features"])
+
+
+def test_media_spans_split_runs_of_adjacent_images_and_clips():
+    image, audio, text = 3, 4, 9
+    rows = [[text, image, image, image, image, audio, audio, audio, audio, audio, text], [audio, audio, text]]
+    spans = media_spans(rows, image, audio, num_image_tokens=2, clip_tokens=[3, 2, 2])
+    assert spans == [
+        [(1, 3, "image"), (3, 5, "image"), (5, 8, "audio"), (8, 10, "audio")],
+        [(0, 2, "audio")],
+    ]
+
+
 def test_truncation_of_text_alone_needs_no_media_choice(processor):
     out = processor(text="<image> " + "word " * 50, images=_image(), truncation=True, max_length=30)
     assert len(out["input_ids"][0]) == 30 and out["input_ids"][0].count(IMAGE_ID) == NUM_IMAGE_TOKENS
@@ -365,6 +393,47 @@ def test_grayscale_palette_rgba_and_16_bit_images_are_converted_to_rgb(processor
     )
 
 
+def _sixteen_bit_image(values: np.ndarray, mode: str) -> Image.Image:
+    if mode == "I":
+        return Image.fromarray(values.astype(np.int32))
+    byte_order = ">" if mode == "I;16B" else "<"
+    return Image.frombytes(mode, values.shape[::-1], values.astype(f"{byte_order}u2").tobytes())
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_sixteen_bit_images_are_scaled_to_8_bits_not_clipped(mode):
+    """transformers' `convert_to_rgb` clips 16-bit pixels at 255; they must be divided by 257 first."""
+    values = np.array([[0, 257 * 100], [257 * 200, 65535]])
+    image = _sixteen_bit_image(values, mode)
+    assert image.mode == mode
+    (rgb,) = load_images(image, max_image_pixels=4)
+    expected = np.array([[0, 100], [200, 255]], dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(rgb), np.repeat(expected[..., None], 3, axis=-1))
+
+
+def test_premultiplied_alpha_is_composited_onto_white_like_straight_alpha():
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 6, 4), dtype=np.uint8)
+    pixels[:2, :, 3] = 0  # fully transparent rows: white
+    straight = Image.fromarray(pixels)
+    (from_premultiplied,) = load_images(straight.convert("RGBa"), max_image_pixels=36)
+    (from_straight,) = load_images(straight, max_image_pixels=36)
+    assert np.asarray(from_straight)[:2].min() == 255
+    # premultiplying rounds each colour to a multiple of 255 / alpha; compositing scales that error by alpha / 255
+    np.testing.assert_allclose(np.asarray(from_premultiplied), np.asarray(from_straight), atol=1, rtol=0)
+
+
+def test_a_transparent_colour_key_is_composited_onto_white():
+    """A PNG's tRNS colour on an RGB image, like palette transparency, marks pixels transparent."""
+    pixels = np.zeros((4, 4, 3), dtype=np.uint8)
+    pixels[:2], pixels[2:] = (10, 20, 30), (200, 100, 50)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", transparency=(10, 20, 30))
+    (rgb,) = load_images(buffer.getvalue(), max_image_pixels=16)
+    expected = pixels.copy()
+    expected[:2] = 255
+    np.testing.assert_array_equal(np.asarray(rgb), expected)
+
+
 def test_paths_bytes_arrays_and_tensors_give_the_same_pixels_as_pil(processor, tmp_path):
     image = _image(size=(16, 16))
     path = tmp_path / "image.png"
@@ -403,6 +472,21 @@ def test_integer_pcm_is_scaled_and_resampling_runs_only_when_asked(processor):
     tone_8k = np.sin(2 * np.pi * 440 * np.arange(1600) / 8000).astype(np.float32)
     resampled = processor(text="<audio>", audio=tone_8k, sampling_rate=8000, resample_audio=True, return_tensors="pt")
     assert int(resampled["input_features_mask"].sum()) == 3200 // HOP_LENGTH  # 0.2 s at 16 kHz
+
+
+def test_resampled_audio_gives_the_features_of_the_tones_sampled_at_the_target_rate(processor):
+    def tones(rate: int, num_samples: int) -> np.ndarray:
+        times = np.arange(num_samples) / rate
+        return (0.3 * np.sin(2 * np.pi * 441.3 * times) + 0.2 * np.sin(2 * np.pi * 1733.7 * times + 1.0)).astype(
+            np.float32
+        )
+
+    resampled = processor(audio=tones(8000, 2000), sampling_rate=8000, resample_audio=True, return_tensors="pt")
+    direct = processor(audio=tones(SAMPLING_RATE, 4000), return_tensors="pt")
+    # the FFT resampler treats the clip as periodic: on 0.25 s the jump where its end wraps to its start rings through
+    # every frame (mean error 0.026); a wrong gain or a linear interpolation gives 0.15 or more
+    difference = (resampled["input_features"] - direct["input_features"]).abs()
+    assert difference.mean() < 0.05
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def tensor_parallel(model_dir: str, out_dir: str) -> None:
     outputs = model(**inputs, labels=inputs["input_ids"])
     outputs.loss.backward()
     with torch.no_grad():
-        text_features = model.model.get_text_features(input_ids=inputs["input_ids"][1:])  # the text-only row
+        text_features = model.model.get_text_features(input_ids=inputs["input_ids"][1:]).pooler_output  # text-only row
     grads = {
         f"grad.{name}": _full(param.grad).contiguous()
         for name, param in model.named_parameters()

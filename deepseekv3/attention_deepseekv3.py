@@ -1,0 +1,294 @@
+"""The attention of the DeepSeek-V3 multimodal model: upstream's MLA with a dynamic per-head gate.
+
+`DeepseekV3MultimodalAttention` subclasses transformers' `DeepseekV3Attention` (its projections, state-dict keys,
+rotary embedding, `expand_kv` and attention backends) for what upstream's forward cannot express: the gate reads the
+cached latent before the queries are projected, so that heads whose gate is closed can be left out of every matmul
+at inference (`attention_gate_skip_threshold`), and image tokens carry their patch position in their values
+(`use_image_position_values`). The gate's running mean needs no state beyond the MLA latent cache.
+
+This file is part of the hub-portable core: it imports only torch, transformers and `.configuration_deepseekv3`.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3Attention,
+    apply_rotary_pos_emb,
+    apply_rotary_pos_emb_interleave,
+    eager_attention_forward,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+
+from .configuration_deepseekv3 import DeepseekV3MultimodalConfig
+
+__all__ = [
+    "DeepseekV3MultimodalAttention",
+    "DeepseekV3MultimodalGateOutput",
+    "DeepseekV3MultimodalHeadGate",
+    "causal_running_mean",
+]
+
+
+def causal_running_mean(
+    values: torch.Tensor,
+    padding_mask: torch.Tensor | None,
+    num_queries: int,
+    segment_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean of `values` over positions `<= t` of the same sequence, for the last `num_queries` positions.
+
+    Args:
+        values (`torch.Tensor` of shape `(batch, kv_len, dim)`): per-position vectors (cached past first).
+        padding_mask (`torch.Tensor` of shape `(batch, kv_len)`, *optional*): 1 for real tokens, 0 for padding;
+            padding positions count for nothing. `None` means every position is real.
+        num_queries (`int`): how many trailing positions to return.
+        segment_ids (`torch.Tensor` of shape `(batch, kv_len)`, *optional*): for packed rows, the sequence each
+            position belongs to (non-decreasing); the mean restarts at every new sequence.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, num_queries, dim)`, in fp32.
+    """
+    values = values.float()
+    if padding_mask is None:
+        padding_mask = values.new_ones(values.shape[:2])
+    weights = padding_mask.to(values.dtype).unsqueeze(-1)  # (batch, kv_len, 1)
+    weighted = torch.cat([values * weights, weights], dim=-1)  # sums and counts side by side
+    running = torch.cumsum(weighted, dim=1)
+    if segment_ids is not None:
+        # subtract what the earlier sequences of the row had summed by the start of this one
+        positions = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+        is_start = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0), value=True)
+        start_index = torch.cummax(torch.where(is_start, positions, 0), dim=1).values  # (batch, kv_len)
+        before_start = (running - weighted).gather(1, start_index.unsqueeze(-1).expand_as(running))
+        running = running - before_start
+    running = running[:, -num_queries:]
+    running_sum, running_count = running[..., :-1], running[..., -1:]
+    return running_sum / running_count.clamp(min=1.0)
+
+
+class DeepseekV3MultimodalGateOutput(nn.Linear):
+    """The head gate's last layer (`up_proj`), a plain `nn.Linear` with its own initialisation in `_init_weights`.
+
+    transformers initialises module by module and skips a module without parameters of its own, as the gate is:
+    the initialisation has to be keyed on this layer, not on the gate around it.
+    """
+
+
+class DeepseekV3MultimodalHeadGate(nn.Module):
+    """Dynamic per-head attention gate: `sigmoid(W2 silu(W1 mean_{s<=t} c_s))`, one value per head.
+
+    `c_s` is the normalized compressed KV latent of position `s` (`kv_a_layernorm` output), which MLA caches anyway:
+    the running mean needs no state beyond the cache, so decoding step by step equals the full forward, and every
+    cache operation (crop, reorder, batch select) stays exact.
+    """
+
+    def __init__(self, config: DeepseekV3MultimodalConfig):
+        super().__init__()
+        self.down_proj = nn.Linear(config.kv_lora_rank, config.attention_gate_hidden_size)
+        self.act_fn = ACT2FN["silu"]
+        self.up_proj = DeepseekV3MultimodalGateOutput(config.attention_gate_hidden_size, config.num_attention_heads)
+
+    def forward(
+        self,
+        latent: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        num_queries: int,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Args: latent `(batch, kv_len, kv_lora_rank)`; padding_mask and segment_ids `(batch, kv_len)` or None
+        (see `causal_running_mean`). Returns: gate values `(batch, num_queries, num_heads)` in fp32."""
+        # fp32 throughout, autocast or not: the gate decides which heads are skipped
+        with torch.autocast(device_type=latent.device.type, enabled=False):
+            summary = causal_running_mean(latent, padding_mask, num_queries, segment_ids)
+            summary = summary.to(self.down_proj.weight.dtype)
+            return torch.sigmoid(self.up_proj(self.act_fn(self.down_proj(summary))).float())
+
+
+def _head_rows(heads: torch.Tensor, rows_per_head: int) -> torch.Tensor:
+    """Row indices of a `(num_heads * rows_per_head, ...)` weight that belong to `heads`."""
+    return (heads[:, None] * rows_per_head + torch.arange(rows_per_head, device=heads.device)).reshape(-1)
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """Whether `module` computes exactly `F.linear(inputs, module.weight, module.bias)` on a dense weight."""
+    return type(module).forward is nn.Linear.forward and type(module.weight.data) is torch.Tensor
+
+
+class DeepseekV3MultimodalAttention(DeepseekV3Attention):
+    """Upstream MLA attention with a dynamic per-head output gate and inference-time head skipping
+    (`use_attention_gate`), and patch positions in the values of image tokens (`use_image_position_values`)."""
+
+    def __init__(self, config: DeepseekV3MultimodalConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.head_gate = DeepseekV3MultimodalHeadGate(config) if config.use_attention_gate else None
+        # heads the last forward computed (None: all of them); read through `skipped_heads`
+        self.last_kept_heads: torch.Tensor | None = None
+
+    def skipped_heads(self) -> list[int]:
+        """Indices of the heads the last forward pass skipped (empty when it computed every head)."""
+        if self.last_kept_heads is None:
+            return []
+        kept = set(self.last_kept_heads.tolist())
+        return [head for head in range(self.config.num_attention_heads) if head not in kept]
+
+    # Adapted from transformers 5.24.0 `DeepseekV3Attention.forward`, reordered: the latent is cached first, the gate
+    # reads it and picks the heads to compute, and only those heads are projected, attended and gated before `o_proj`.
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        gate_padding_mask: torch.Tensor | None = None,
+        gate_segment_ids: torch.Tensor | None = None,
+        image_coordinates: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`image_coordinates` `(batch, seq_len, 2)`: with `use_image_position_values`, each position's patch (row,
+        column) in [-1, 1] (zeros for text and audio), cached beside the latent and added to every head's value.
+        `gate_padding_mask` and `gate_segment_ids`: see `causal_running_mean`."""
+        batch_size, seq_length = hidden_states.shape[:-1]
+        kv_nope, k_rot = self._latent(hidden_states, position_embeddings, image_coordinates)
+        if cache is not None:
+            kv_nope, k_rot = cache.update(kv_nope, k_rot, self.layer_idx, kwargs=kwargs)
+        if self.config.use_image_position_values:
+            kv_nope, coordinates = torch.split(kv_nope, [self.kv_lora_rank, 2], dim=-1)
+        gate_values = heads = None
+        if self.head_gate is not None:
+            # (batch, seq, num_heads)
+            gate_values = self.head_gate(kv_nope.squeeze(1), gate_padding_mask, seq_length, gate_segment_ids)
+            heads = self._kept_heads(gate_values)
+            gate_values = gate_values if heads is None else gate_values[..., heads]
+        self.last_kept_heads = heads
+
+        query_states = self._query_states(hidden_states, position_embeddings, heads)
+        key_states, value_states = self._expand_kv(kv_nope, k_rot, heads)
+        if self.config.use_image_position_values:
+            # (batch, 1, kv_len, 2) added to channels 0-1 of every head: the attention output then holds the
+            # attention-weighted patch position, which the latent alone does not pass on (README, "The main job")
+            value_states = torch.cat((value_states[..., :2] + coordinates, value_states[..., 2:]), dim=-1)
+        attn_output, attn_weights = self._attend(query_states, key_states, value_states, attention_mask, **kwargs)
+        if gate_values is not None:
+            # (batch, seq, kept_heads, v_head_dim) scaled per head, then flattened for o_proj
+            attn_output = attn_output * gate_values.unsqueeze(-1).to(attn_output.dtype)
+        attn_output = attn_output.reshape(batch_size, seq_length, -1).contiguous()
+        if heads is None:
+            return self.o_proj(attn_output), attn_weights
+        weight = self.o_proj.weight[:, _head_rows(heads, self.v_head_dim)]
+        return F.linear(attn_output, weight, self.o_proj.bias), attn_weights
+
+    def _rotate(self, states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Upstream's rotary embedding (interleaved with `rope_interleave`) of `(batch, heads, seq_len,
+        qk_rope_head_dim)` states. Upstream's functions rotate a query and a key together: the key given is a
+        one-head slice, rotated for nothing (the keys are rotated before the gate picks the queries' heads)."""
+        rotate = apply_rotary_pos_emb_interleave if self.config.rope_interleave else apply_rotary_pos_emb
+        return rotate(states, states[:, :1], *position_embeddings)[0]
+
+    def _latent(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        image_coordinates: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What upstream caches: the normalized latent `(batch, 1, seq_len, kv_lora_rank)`, with the image
+        coordinates as two more channels (so decoding step by step sees the values of the full forward), and the
+        rotated single-head key `(batch, 1, seq_len, qk_rope_head_dim)`."""
+        batch_size, seq_length = hidden_states.shape[:-1]
+        compressed_kv = self.kv_a_proj_with_mqa(hidden_states)
+        kv_nope, k_rot = torch.split(compressed_kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv_nope = self.kv_a_layernorm(kv_nope).view(batch_size, 1, seq_length, self.kv_lora_rank)
+        k_rot = k_rot.view(batch_size, 1, seq_length, self.qk_rope_head_dim)
+        k_rot = self._rotate(k_rot, position_embeddings)
+        if self.config.use_image_position_values:
+            coordinates = image_coordinates.to(kv_nope.dtype).view(batch_size, 1, seq_length, 2)
+            kv_nope = torch.cat((kv_nope, coordinates), dim=-1)
+        return kv_nope, k_rot
+
+    def _kept_heads(self, gate_values: torch.Tensor) -> torch.Tensor | None:
+        """Heads to compute, or None for all. Only in eval mode: a head is skipped when its gate is below
+        `attention_gate_skip_threshold` at every position of the batch."""
+        threshold = self.config.attention_gate_skip_threshold
+        if self.training or threshold <= 0.0:
+            return None
+        q_module = self.q_proj if self.q_lora_rank is None else self.q_b_proj
+        projections = (q_module, self.kv_b_proj, self.o_proj)
+        if not all(_is_plain_linear(module) for module in projections):
+            # slicing `.weight` rows is exact only for a plain linear layer: an unmerged LoRA adds its own term, and a
+            # quantized weight (torchao's `Int8Tensor`) would lose its per-row scales
+            return None
+        is_open = (gate_values >= threshold).flatten(0, 1).any(dim=0)  # (num_heads,)
+        if bool(is_open.all()):
+            return None
+        return is_open.nonzero().squeeze(-1)
+
+    def _query_states(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        heads: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Rotated queries of `heads` (None: all): `(batch, kept_heads, seq_len, qk_head_dim)`."""
+        batch_size, seq_length = hidden_states.shape[:-1]
+        if self.q_lora_rank is None:
+            q_module, q_input = self.q_proj, hidden_states
+        else:
+            q_module, q_input = self.q_b_proj, self.q_a_layernorm(self.q_a_proj(hidden_states))
+        if heads is None:
+            query_states = q_module(q_input)
+        else:
+            query_states = F.linear(q_input, q_module.weight[_head_rows(heads, self.qk_head_dim)])
+        query_states = query_states.view(batch_size, seq_length, -1, self.qk_head_dim).transpose(1, 2)
+        q_pass, q_rot = torch.split(query_states, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return torch.cat((q_pass, self._rotate(q_rot, position_embeddings)), dim=-1)
+
+    def _expand_kv(
+        self, kv_nope: torch.Tensor, k_rot: torch.Tensor, heads: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upstream's `expand_kv`, for the rows of `heads` only when some are skipped."""
+        if heads is None:
+            return self.expand_kv(kv_nope, k_rot)
+        batch_size, _, kv_length, _ = kv_nope.shape
+        rows = _head_rows(heads, self.qk_nope_head_dim + self.v_head_dim)
+        kv = F.linear(kv_nope, self.kv_b_proj.weight[rows])
+        # (batch, kept_heads, kv_len, qk_nope_head_dim + v_head_dim)
+        kv = kv.view(batch_size, kv_length, -1, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
+        k_nope, value_states = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key_states = torch.cat((k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
+        return key_states, value_states
+
+    def _attend(
+        self,
+        query_states: torch.Tensor,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The configured attention backend, as upstream calls it: `(batch, seq_len, kept_heads, v_head_dim)`."""
+        pad_values = self.config._attn_implementation == "sdpa" and self.v_head_dim < self.qk_head_dim
+        if pad_values:
+            # torch's fused sdpa kernels (the CPU flash kernel among them) need one head size for keys and values;
+            # otherwise sdpa falls back to its math kernel, which materialises the (seq, seq) scores (measured at 8k
+            # tokens on CPU: 17x the time, 2.5 GB against 8 MB). Zero columns leave the first v_head_dim unchanged.
+            value_states = F.pad(value_states, (0, self.qk_head_dim - self.v_head_dim))
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return attn_output[..., : self.v_head_dim], attn_weights
