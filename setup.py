@@ -39,6 +39,7 @@ setup(
             "hypothesis",
             "ruff",
             "olah",
+            "openai>=3.0",
         ],
     },
     entry_points={"console_scripts": ["deepseekv3=deepseekv3.cli:main"]},

@@ -32,6 +32,7 @@ measured here, a batch-1 decoding step took ~180 ms with 2 threads and ~7 ms wit
 """
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -159,7 +160,8 @@ def run_engine(engine: Engine, trace) -> tuple[list[list[int]], list[float]]:
 def train_predictor(model, device: str) -> tuple[LengthPredictor, dict]:
     """Runs a separate 500-request trace through the engine, trains the LSTM on 400 of its logs, reports the MAE on
     the other 100 (and the untrained fallback's)."""
-    engine = Engine(model, ENGINE_CONFIG)
+    # the length log keeps prompt tokens (the predictor's input) only when asked to
+    engine = Engine(model, dataclasses.replace(ENGINE_CONFIG, log_prompt_tokens=128))
     run_engine(engine, make_trace(500, seed=101))
     logs = list(engine.length_log)
     train, held_out = logs[:400], logs[400:]
@@ -341,7 +343,7 @@ def main() -> None:
         "bandit": {
             "best_setting": [bandit_choice.max_batch_size, bandit_choice.max_batch_tokens],
             "counts": scheduler.bandit.counts,
-            "epochs": len(scheduler.history),
+            "epochs": sum(scheduler.bandit.counts),
         },
         "router": router_info,
         "outputs_equal_across_variants": True,

@@ -4,6 +4,8 @@ and model routing, behind an OpenAI-compatible HTTP server (`deepseekv3 serve MO
 from .engine import (
     Engine,
     EngineConfig,
+    EngineFaultError,
+    EngineHealth,
     EngineOverloadedError,
     EngineStoppedError,
     GenerationResult,
@@ -18,6 +20,8 @@ from .scheduler import SchedulerSetting, SelfTuningScheduler, UCBBandit
 __all__ = [
     "Engine",
     "EngineConfig",
+    "EngineFaultError",
+    "EngineHealth",
     "EngineOverloadedError",
     "EngineStoppedError",
     "GenerationResult",

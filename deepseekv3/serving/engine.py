@@ -15,16 +15,24 @@ attribute 'get_seq_length'`), and it stores per-head keys and values of one shap
 latent (`kv_lora_rank`) and a rotated key (`qk_rope_head_dim`) of different widths. The engine therefore drives the
 model's own forward with a `DynamicCache` per batch. Greedy outputs equal `model.generate(do_sample=False)` request
 by request (the placeholder tokens in the generation config's `suppress_tokens` are suppressed the same way).
+
+Every request ends, in its result or a clear error. `submit` refuses malformed requests with `ValueError` (token ids
+outside the vocabulary, placeholders without their media, media of the wrong shape). A prefill that fails is retried
+one request at a time, so only the request that breaks it fails, and the decoding batch is not touched. Any other
+exception in a step (length prediction, admission, decoding, cache compaction) fails every queued and decoding
+request with `EngineFaultError`, resets the batch and lets the loop go on; `health` counts the faults and reports the
+engine unhealthy after `max_consecutive_faults` failed steps in a row, until a step succeeds again.
 """
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +41,7 @@ from transformers import PreTrainedModel
 from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 from transformers.utils import logging
 
+from ..embeddings_deepseekv3 import audio_tokens_per_clip
 from .latent_batch import LatentBatch, cache_from_layers, cache_layers
 from .length_predictor import LengthPredictor, LengthRecord
 from .prefix_cache import PrefixCache, PrefixEntry, media_digest
@@ -41,6 +50,8 @@ from .scheduler import SchedulerSetting, SelfTuningScheduler
 __all__ = [
     "Engine",
     "EngineConfig",
+    "EngineFaultError",
+    "EngineHealth",
     "EngineOverloadedError",
     "EngineStoppedError",
     "GenerationResult",
@@ -62,7 +73,23 @@ class EngineOverloadedError(RuntimeError):
 
 
 class EngineStoppedError(RuntimeError):
-    """The engine was stopped before the request finished."""
+    """The engine was stopped (or its loop ended on an internal error) before the request finished."""
+
+
+class EngineFaultError(RuntimeError):
+    """The engine failed while serving the request, which was not finished; the exception is chained as the cause.
+
+    Attributes:
+        stage (`str`): where the engine failed: `"length prediction"`, `"admission"`, `"prefill"`, `"decode"`,
+            `"cache compaction"` or `"loop"`.
+    """
+
+    def __init__(self, request_id: int, stage: str, error: BaseException):
+        super().__init__(
+            f"request {request_id} failed: the engine failed during {stage} ({type(error).__name__}: {error})"
+        )
+        self.stage = stage
+        self.__cause__ = error
 
 
 class RequestTimeoutError(TimeoutError):
@@ -85,7 +112,12 @@ class EngineConfig:
             `EngineOverloadedError`.
         default_max_new_tokens (`int`, defaults to 32): `max_new_tokens` of a request that names none.
         prefix_cache_bytes (`int`, defaults to 64 MiB): byte budget of the prefix cache.
-        log_size (`int`, defaults to 10000): finished requests kept in the length log.
+        log_size (`int`, defaults to 10000): finished requests kept in the length log (a ring buffer).
+        log_prompt_tokens (`int`, defaults to 0): last prompt tokens each length-log record keeps, as the features
+            `LengthPredictor.fit` trains on; 0 keeps lengths only. They stay in memory: `save_state` writes lengths
+            only.
+        max_consecutive_faults (`int`, defaults to 3): failed steps in a row after which `health` reports the engine
+            unhealthy (it keeps serving, and is healthy again once a step succeeds).
     """
 
     max_batch_size: int = 16
@@ -94,11 +126,41 @@ class EngineConfig:
     default_max_new_tokens: int = 32
     prefix_cache_bytes: int = 64 * 2**20
     log_size: int = 10_000
+    log_prompt_tokens: int = 0
+    max_consecutive_faults: int = 3
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_batch_tokens", "max_queue_size", "default_max_new_tokens", "log_size"):
+        names = (
+            "max_batch_size",
+            "max_batch_tokens",
+            "max_queue_size",
+            "default_max_new_tokens",
+            "log_size",
+            "max_consecutive_faults",
+        )
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1")
+        if self.log_prompt_tokens < 0:
+            raise ValueError(f"log_prompt_tokens ({self.log_prompt_tokens}) must be at least 0")
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """What `Engine.health` (and the server's `/health`) reports.
+
+    Attributes:
+        is_healthy (`bool`): False after `max_consecutive_faults` failed steps in a row (until a step succeeds), or
+            once the loop has ended on an internal error.
+        reason (`str` or `None`): why the engine is unhealthy.
+        faults (`int`): failed steps and prefills since the engine was built.
+        last_fault (`str` or `None`): the latest fault: its stage and exception type.
+    """
+
+    is_healthy: bool
+    reason: str | None
+    faults: int
+    last_fault: str | None
 
 
 @dataclass
@@ -127,22 +189,20 @@ class RequestHandle:
     """What `Engine.submit` returns: a future of the `GenerationResult` and a stream of tokens.
 
     Iterate (or `async for` over `astream()`) to receive tokens as they are generated; the iteration raises the
-    request's error, if any, at the end. `cancel()` stops the request at the next step.
+    request's error, if any, at the end. `cancel()` stops the request at the next step. The stream has one consumer.
     """
 
     def __init__(self, request_id: int):
         self.request_id = request_id
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self._stream: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._is_ended = False
+        # however the future ends (result, error, or a cancel from any thread or from asyncio), the stream ends too
+        self.future.add_done_callback(lambda _: self._stream.put(_END))
 
     def cancel(self) -> bool:
-        """Cancels the request; False if it had already finished."""
-        with self._lock:
-            cancelled = self.future.cancel()
-        if cancelled:
-            self._stream.put(_END)
-        return cancelled
+        """Cancels the request and ends its stream; False if it had already finished."""
+        return self.future.cancel()
 
     @property
     def cancelled(self) -> bool:
@@ -152,33 +212,59 @@ class RequestHandle:
         """Blocks for the result; raises the request's error (`RequestTimeoutError`, `CancelledError`, ...)."""
         return self.future.result(timeout)
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until the request has ended or `timeout` seconds have passed; returns whether it has ended."""
+        done, _ = concurrent.futures.wait([self.future], timeout)
+        return bool(done)
+
+    def next_token(self, timeout: float | None = None) -> int | None:
+        """The next generated token, or `None` once the stream has ended (`result()` then holds the outcome).
+
+        Raises:
+            `TimeoutError` when no token came within `timeout` seconds.
+        """
+        if self._is_ended:
+            return None
+        try:
+            token = self._stream.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no token of request {self.request_id} within {timeout} s") from None
+        if token is _END:
+            self._is_ended = True
+            return None
+        return token
+
     async def aresult(self) -> GenerationResult:
-        """`result()` for asyncio code."""
+        """`result()` for asyncio code; cancelling the awaiting task cancels the request."""
         return await asyncio.wrap_future(self.future)
 
     def __iter__(self) -> Iterator[int]:
-        while (token := self._stream.get()) is not _END:
+        while (token := self.next_token()) is not None:
             yield token
         self.future.result()  # raises the error that ended the stream, if any
 
     async def astream(self) -> AsyncIterator[int]:
-        """The token stream for asyncio code."""
-        while (token := await asyncio.to_thread(self._stream.get)) is not _END:
-            yield token
+        """The token stream for asyncio code. Cancelling the consuming task (or leaving the stream early) cancels the
+        request, which ends the stream and so frees the worker thread waiting on it."""
+        try:
+            while (token := await asyncio.to_thread(self.next_token)) is not None:
+                yield token
+        finally:
+            self.cancel()  # a no-op once the request has ended
         await self.aresult()
 
     def _push(self, token: int) -> None:
         self._stream.put(token)
 
     def _settle(self, result: GenerationResult | None = None, error: BaseException | None = None) -> bool:
-        with self._lock:
-            if self.future.done():
-                return False
+        """Sets the outcome; False when the request had already ended (cancelled meanwhile, say)."""
+        try:
             if error is None:
                 self.future.set_result(result)
             else:
                 self.future.set_exception(error)
-        self._stream.put(_END)
+        except concurrent.futures.InvalidStateError:
+            return False
         return True
 
 
@@ -227,6 +313,7 @@ class Engine:
     ):
         self.model = model.eval()
         self.config = config or EngineConfig()
+        self._check_predictor(length_predictor)
         self.length_predictor = length_predictor
         self.scheduler = scheduler
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
@@ -248,6 +335,10 @@ class Engine:
         self._model_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._drain_deadline = 0.0
+        self._consecutive_faults = 0
+        self._last_fault: str | None = None
+        self._loop_error: str | None = None  # why the loop thread ended, when an internal error ended it
         self.stats = {
             "steps": 0,
             "prefill_calls": 0,
@@ -257,6 +348,7 @@ class Engine:
             "cancelled": 0,
             "timed_out": 0,
             "failed": 0,
+            "faults": 0,
             "peak_batch_size": 0,
             "peak_cache_positions": 0,
             "stopped_in_flight": 0,
@@ -276,6 +368,19 @@ class Engine:
     @property
     def num_pending(self) -> int:
         return self._num_pending
+
+    @property
+    def health(self) -> EngineHealth:
+        """Whether the engine serves (see `EngineHealth`)."""
+        reason = None
+        if self._loop_error is not None:
+            reason = self._loop_error
+        elif self._consecutive_faults >= self.config.max_consecutive_faults:
+            reason = (
+                f"the engine failed {self._consecutive_faults} times in a row, the latest during {self._last_fault}; "
+                "it recovers when a step succeeds"
+            )
+        return EngineHealth(reason is None, reason, self.stats["faults"], self._last_fault)
 
     # ---- submission -------------------------------------------------------------------------------------------
 
@@ -299,18 +404,22 @@ class Engine:
             `RequestHandle`
 
         Raises:
-            `ValueError` for malformed inputs, `RequestTooLargeError` for a request that can never fit,
-            `EngineOverloadedError` when the queue is full.
+            `ValueError` for malformed inputs (see `parse_inputs`; placeholders without their media, media of the
+            wrong shape; `max_new_tokens` below 1), `RequestTooLargeError` for a request that can never fit,
+            `EngineOverloadedError` when the queue is full, `EngineStoppedError` when the engine is stopping.
         """
         input_ids, media = self.parse_inputs(inputs)
+        self._check_media(input_ids, media)
         max_new_tokens = self.config.default_max_new_tokens if max_new_tokens is None else max_new_tokens
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens ({max_new_tokens}) must be at least 1")
-        if timeout_s is not None and timeout_s <= 0:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens ({max_new_tokens!r}) must be an integer of at least 1")
+        if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s ({timeout_s}) must be positive")
         self._check_fits(len(input_ids), max_new_tokens)
         now = time.monotonic()
         with self._lock:
+            if self._loop_error is not None:
+                raise EngineStoppedError(self._loop_error)
             if self._stopping:
                 raise EngineStoppedError("the engine is stopping")
             if self._num_pending >= self.config.max_queue_size:
@@ -337,30 +446,82 @@ class Engine:
     def parse_inputs(
         self, inputs: Mapping[str, torch.Tensor] | Sequence[int]
     ) -> tuple[list[int], dict[str, torch.Tensor]]:
-        """Checks one request's inputs (see `submit`); returns its token ids and its media tensors by name."""
+        """Checks one request's inputs (see `submit`); returns its token ids and its media tensors by name.
+
+        Raises `ValueError` for unknown input names, padding, more than one prompt, an empty prompt, ids that are not
+        integers or lie outside the vocabulary.
+        """
         if not isinstance(inputs, Mapping):
-            input_ids, media = list(inputs), {}
-        else:
-            unknown = set(inputs) - {"input_ids", *_MEDIA_KEYS, *_IGNORED_KEYS}
-            if unknown:
-                raise ValueError(f"unknown input names {sorted(unknown)}; the engine takes input_ids and media")
-            if "input_ids" not in inputs:
-                raise ValueError("inputs need `input_ids`")
+            inputs = {"input_ids": inputs}
+        unknown = set(inputs) - {"input_ids", *_MEDIA_KEYS, *_IGNORED_KEYS}
+        if unknown:
+            raise ValueError(f"unknown input names {sorted(unknown)}; the engine takes input_ids and media")
+        if "input_ids" not in inputs:
+            raise ValueError("inputs need `input_ids`")
+        try:
             ids = torch.as_tensor(inputs["input_ids"])
-            if ids.ndim == 2 and ids.shape[0] != 1:
-                raise ValueError(f"one prompt per request: input_ids has batch size {ids.shape[0]}")
-            mask = inputs.get("attention_mask")
-            if mask is not None and not bool(torch.as_tensor(mask).all()):
-                raise ValueError("attention_mask has padding: submit each prompt unpadded")
-            input_ids = ids.reshape(-1).tolist()
-            media = {key: torch.as_tensor(inputs[key]) for key in _MEDIA_KEYS if inputs.get(key) is not None}
-        if not input_ids:
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"input_ids must be integer token ids ({error})") from error
+        if ids.ndim == 2 and ids.shape[0] != 1:
+            raise ValueError(f"one prompt per request: input_ids has batch size {ids.shape[0]}")
+        if ids.numel() == 0:
             raise ValueError("the prompt is empty")
+        if ids.ndim > 2 or ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise ValueError(
+                f"input_ids must be integer token ids of shape (len,) or (1, len), got {ids.dtype} of shape "
+                f"{tuple(ids.shape)}"
+            )
+        mask = inputs.get("attention_mask")
+        if mask is not None and not bool(torch.as_tensor(mask).all()):
+            raise ValueError("attention_mask has padding: submit each prompt unpadded")
+        input_ids = ids.reshape(-1).tolist()
         vocab_size = self.model.config.vocab_size
-        bad = [token for token in input_ids if not 0 <= int(token) < vocab_size]
+        bad = [token for token in input_ids if not 0 <= token < vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
-        return [int(token) for token in input_ids], media
+        media = {key: torch.as_tensor(inputs[key]) for key in _MEDIA_KEYS if inputs.get(key) is not None}
+        return input_ids, media
+
+    def _check_media(self, input_ids: list[int], media: Mapping[str, torch.Tensor]) -> None:
+        """Raises `ValueError` unless every image and clip has the model's shape and exactly its placeholders (as
+        many as the model makes of it), and every placeholder its media."""
+        config = self.model.config
+        if "input_features_mask" in media and "input_features" not in media:
+            raise ValueError("input_features_mask without input_features")
+        for modality, key in (("image", "pixel_values"), ("audio", "input_features")):
+            if not getattr(config, f"use_{modality}_input"):
+                if key in media:
+                    raise ValueError(f"got {key} but the model has use_{modality}_input=False")
+                continue
+            placeholders = input_ids.count(getattr(config, f"{modality}_token_id"))
+            if modality == "image":
+                expected = self._image_tokens(media.get("pixel_values"))
+            else:
+                expected = self._audio_tokens(media.get("input_features"), media.get("input_features_mask"))
+            if placeholders != expected:
+                count = len(media[key]) if key in media else 0
+                raise ValueError(
+                    f"input_ids hold {placeholders} {modality} placeholder tokens but the {count} {modality} "
+                    f"input(s) make {expected}: every {modality} needs its placeholders, and every placeholder its "
+                    f"{modality} (whole {'images' if modality == 'image' else 'clips'} only)"
+                )
+
+    def _image_tokens(self, pixel_values: torch.Tensor | None) -> int:
+        config = self.model.config
+        if pixel_values is None:
+            return 0
+        expected = (config.num_channels, config.image_size, config.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        return len(pixel_values) * config.num_image_tokens
+
+    def _audio_tokens(self, features: torch.Tensor | None, mask: torch.Tensor | None) -> int:
+        if features is None:
+            return 0
+        return int(audio_tokens_per_clip(self.model.config, features, mask).sum())
 
     def _check_fits(self, prompt_length: int, max_new_tokens: int) -> None:
         total = prompt_length + max_new_tokens
@@ -384,31 +545,26 @@ class Engine:
         """Runs the loop in a background thread."""
         if self._thread is not None:
             raise RuntimeError("the engine is already running")
-        self._stopping = False
+        self._stopping, self._loop_error = False, None
         self._thread = threading.Thread(target=self._run, name="deepseekv3-engine", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Stops the loop; requests not finished fail with `EngineStoppedError` (counted in
-        `stats["stopped_in_flight"]`, with any decoding row left)."""
+    def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Stops the loop. `submit` raises `EngineStoppedError` from the call on; requests already accepted are
+        served for up to `drain_timeout_s` more seconds, and those then unfinished fail with `EngineStoppedError`
+        (counted in `stats["stopped_in_flight"]`)."""
         with self._lock:
             self._stopping = True
+            self._drain_deadline = time.monotonic() + drain_timeout_s
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         with self._model_lock:
-            error = EngineStoppedError("the engine stopped before the request finished")
-            with self._lock:
-                pending = list(self._incoming) + self._waiting + list(self._active.values())
-                self._incoming.clear()
-                self._num_pending = 0
-            self.stats["stopped_in_flight"] = len(pending) + len(self._batch) - len(self._active)
-            self._waiting, self._active = [], {}
-            self._batch = LatentBatch(self.model)
-            for request in pending:
-                request.handle._settle(error=error)
+            self.stats["stopped_in_flight"] = self._fail_all(
+                lambda request_id: EngineStoppedError(f"the engine stopped before request {request_id} finished")
+            )
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -416,62 +572,100 @@ class Engine:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
+    def _is_idle(self) -> bool:
+        return not self._incoming and not self._waiting and not self._active
+
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and not self._incoming and not self._waiting and not self._active:
-                    self._wake.wait()
-                if self._stopping:
-                    return
-            if not self.step():
-                time.sleep(0.001)  # only timed-out or blocked work left: yield the CPU
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and self._is_idle():
+                        self._wake.wait()
+                    if self._stopping and (self._is_idle() or time.monotonic() >= self._drain_deadline):
+                        return
+                if not self.step():
+                    time.sleep(0.001)  # only timed-out or blocked work left: yield the CPU
+        except Exception as error:  # step() settles its own faults: this is the loop itself failing
+            logger.error("the engine loop stopped on an internal error", exc_info=error)
+            self._loop_error = f"the engine loop stopped on an internal error ({type(error).__name__}); restart it"
+            with self._model_lock:
+                self._fail_all(functools.partial(EngineFaultError, stage="loop", error=error))
 
     def run_until_idle(self) -> None:
         """Steps in the current thread until nothing is queued or decoding."""
-        while self._incoming or self._waiting or self._active:
+        while not self._is_idle():
             self.step()
 
     def step(self) -> bool:
         """One scheduling step: expire, admit and prefill, decode one token per active request. Returns whether a
-        forward pass ran."""
+        forward pass ran. A failure fails the requests it concerns (see the module docstring), never the caller."""
         with self._model_lock:
             started = time.perf_counter()
-            self._take_incoming()
-            self._drop_cancelled_and_expired(time.monotonic())
-            admitted = self._choose_admissions(self.setting)
+            stage, admitted = "length prediction", []
             try:
+                self._take_incoming()
+                stage = "cache compaction"
+                self._drop_cancelled_and_expired(time.monotonic())
+                stage = "admission"
+                admitted = self._choose_admissions(self.setting)
+                stage = "prefill"
                 tokens = self._prefill(admitted) if admitted else 0
                 if self._active:
-                    tokens += self._decode()
-            except Exception as error:  # a failed forward fails the requests in it, never the loop
-                logger.error(f"engine step failed: {error!r}")
-                self._fail_in_flight(admitted, error)
+                    stage = "decode"
+                    decoded, kept = self._decode()
+                    tokens += decoded
+                    stage = "cache compaction"
+                    self._batch.keep(kept)
+            except Exception as error:
+                self._record_fault(stage, error)
+                self._fail_all(functools.partial(EngineFaultError, stage=stage, error=error), admitted)
                 return True
             ran = bool(admitted) or tokens > 0
+            if tokens > 0:
+                self._consecutive_faults = 0
             if ran:
                 self.stats["steps"] += 1
                 if self.scheduler is not None:
                     self.scheduler.record(tokens, time.perf_counter() - started)
             return ran
 
-    def _fail_in_flight(self, admitted: list[_Request], error: Exception) -> None:
-        for request in [*admitted, *self._active.values()]:
-            if request.handle._settle(error=error):
-                self.stats["failed"] += 1
-        self._active = {}
+    def _record_fault(self, stage: str, error: Exception) -> None:
+        logger.error(f"engine fault during {stage}", exc_info=error)
+        self.stats["faults"] += 1
+        self._consecutive_faults += 1
+        self._last_fault = f"{stage} ({type(error).__name__})"
+
+    def _fail_all(self, make_error: Callable[[int], Exception], admitted: Sequence[_Request] = ()) -> int:
+        """Fails every queued, `admitted` and decoding request with `make_error(request_id)` and empties the batch.
+        Returns how many requests it failed."""
+        with self._lock:
+            requests = list(self._incoming)
+            self._incoming.clear()
+            self._num_pending = 0
+        requests += [*self._waiting, *admitted, *self._active.values()]
+        self._waiting, self._active = [], {}
         self._batch = LatentBatch(self.model)
+        failed = 0
+        for request in {request.request_id: request for request in requests}.values():
+            if request.handle._settle(error=make_error(request.request_id)):
+                failed += 1
+        self.stats["failed"] += failed
+        return failed
 
     def _take_incoming(self) -> None:
         with self._lock:
             arrived = list(self._incoming)
-            self._incoming.clear()
         if not arrived:
             return
         new_tokens = [request.max_new_tokens for request in arrived]
         if self.length_predictor is not None:
+            # may raise: the requests stay queued until predicted, so the fault fails them with the others
             new_tokens = self.length_predictor.predict([r.input_ids for r in arrived], new_tokens)
         for request, predicted in zip(arrived, new_tokens):
             request.predicted_total = len(request.input_ids) + predicted
+        with self._lock:
+            for _ in arrived:  # submit only appends, so the oldest are the ones predicted
+                self._incoming.popleft()
         self._waiting.extend(arrived)
 
     def _drop_cancelled_and_expired(self, now: float) -> None:
@@ -547,7 +741,10 @@ class Engine:
 
     @torch.no_grad()
     def _prefill(self, requests: list[_Request]) -> int:
-        """Prefills `requests`, emits their first tokens and adds the unfinished ones to the batch."""
+        """Prefills `requests`, emits their first tokens and adds the unfinished ones to the batch. When the prefill
+        of the text group fails, its requests are prefilled again one at a time; a request whose own prefill fails
+        fails alone (with the model's `ValueError` about its inputs, or `EngineFaultError`), and the batch is not
+        touched. Returns how many requests were prefilled."""
         plain, single = [], []
         for request in requests:
             entry = self._lookup_prefix(request) if len(self.prefix_cache) else None
@@ -556,19 +753,30 @@ class Engine:
             else:
                 plain.append(request)
         prefilled = []
-        if plain:
-            prefilled.append((plain, *self._prefill_padded(plain)))
-        for request, entry in single:
+        if len(plain) > 1:
+            try:
+                prefilled.append((plain, *self._prefill_padded(plain)))
+                plain = []
+            except Exception as error:
+                logger.warning(f"the prefill of {len(plain)} requests failed ({error!r}); retrying them one by one")
+        for request, entry in [*((request, None) for request in plain), *single]:
             try:
                 prefilled.append(([request], *self._prefill_one(request, entry)))
-            except ValueError as error:  # bad media reach the model's own checks
-                request.handle._settle(error=error)
-                self.stats["failed"] += 1
+            except Exception as error:
+                self._fail_prefill(request, error)
         tokens = 0
         for group, cache, attention_mask, logits in prefilled:
             self.stats["prefill_calls"] += 1
             tokens += self._emit(group, self._greedy(logits), cache, attention_mask)
         return tokens
+
+    def _fail_prefill(self, request: _Request, error: Exception) -> None:
+        if isinstance(error, ValueError):  # the model's own checks refused this request's inputs
+            request.handle._settle(error=error)
+        else:
+            self._record_fault("prefill", error)
+            request.handle._settle(error=EngineFaultError(request.request_id, "prefill", error))
+        self.stats["failed"] += 1
 
     def _prefill_padded(self, requests: list[_Request]) -> tuple:
         length = max(len(request.input_ids) for request in requests)
@@ -610,7 +818,8 @@ class Engine:
         )
         return outputs.cache, attention_mask, outputs.logits[:, -1].float()
 
-    def _decode(self) -> int:
+    def _decode(self) -> tuple[int, list[int]]:
+        """Decodes one token for every row; returns how many rows decoded and the rows that go on."""
         logits = self._batch.decode()
         self.stats["decode_steps"] += 1
         self.stats["peak_cache_positions"] = max(
@@ -623,8 +832,7 @@ class Engine:
             if self._append(request, token):
                 kept.append(row)
         self._batch.next_tokens = tokens
-        self._batch.keep(kept)
-        return len(requests)
+        return len(requests), kept
 
     def _emit(self, requests: list[_Request], tokens: torch.Tensor, cache, attention_mask: torch.Tensor) -> int:
         now = time.monotonic()
@@ -670,7 +878,11 @@ class Engine:
             self.stats["finished"] += 1
         else:  # cancelled while its last token was computed
             self.stats["cancelled"] += 1
-        self.length_log.append(LengthRecord(request.input_ids, len(request.generated), request.max_new_tokens))
+        keep = self.config.log_prompt_tokens
+        features = tuple(request.input_ids[-keep:]) if keep else ()
+        self.length_log.append(
+            LengthRecord(len(request.input_ids), len(request.generated), request.max_new_tokens, features)
+        )
         return False
 
     # ---- prefix cache -----------------------------------------------------------------------------------------
@@ -697,7 +909,7 @@ class Engine:
         """
         for prefix in prefixes:
             input_ids, media = self.parse_inputs(prefix)
-            self._check_whole_media(input_ids, media)
+            self._check_media(input_ids, media)
             device = self.model.device
             with self._model_lock:
                 outputs = self.model(
@@ -711,37 +923,17 @@ class Engine:
                 self.prefix_cache.put(entry)
         return self.prefix_cache.nbytes
 
-    def _check_whole_media(self, input_ids: list[int], media: Mapping[str, torch.Tensor]) -> None:
-        config = self.model.config
-        if config.use_image_input:
-            count = input_ids.count(config.image_token_id)
-            num_images = len(media.get("pixel_values", []))
-            if count != num_images * config.num_image_tokens:
-                raise ValueError(
-                    f"the prefix has {count} image tokens but {num_images} images of {config.num_image_tokens} "
-                    "tokens each: a prefix must hold whole images"
-                )
-        if config.use_audio_input and "input_features" in media:
-            count = input_ids.count(config.audio_token_id)
-            masks = media.get("input_features_mask")
-            frames = masks.sum(dim=-1) if masks is not None else [clip.shape[-1] for clip in media["input_features"]]
-            expected = sum(int(value) // config.audio_conv_stride for value in frames)
-            if count != expected:
-                raise ValueError(
-                    f"the prefix has {count} audio tokens but its clips make {expected}: a prefix must hold "
-                    "whole clips"
-                )
-
     # ---- state ------------------------------------------------------------------------------------------------
 
     def save_state(self, directory: str | Path) -> None:
         """Writes the engine's learned state to `directory`: the length predictor, the scheduler's bandit, the
-        generation log (`generation_log.jsonl`)."""
+        generation log (`generation_log.jsonl`: the lengths of each logged request, never its tokens)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with open(directory / _LOG_NAME, "w") as log:
             for record in self.length_log:
-                log.write(json.dumps(asdict(record)) + "\n")
+                lengths = {key: value for key, value in asdict(record).items() if key != "prompt_ids"}
+                log.write(json.dumps(lengths) + "\n")
         if self.length_predictor is not None:
             self.length_predictor.save(directory)
         if self.scheduler is not None:
@@ -749,17 +941,29 @@ class Engine:
 
     def load_state(self, directory: str | Path) -> None:
         """Loads what `save_state` wrote (the config stays this engine's own): the length predictor and the
-        scheduler when saved, and the generation log."""
+        scheduler when saved, and the generation log.
+
+        Raises `ValueError` when the saved length predictor reads another vocabulary than the model's.
+        """
         directory = Path(directory)
         if not (directory / _LOG_NAME).is_file():
             raise FileNotFoundError(f"no {_LOG_NAME} in {directory}: pass a directory written by Engine.save_state")
         if (directory / "length_predictor.json").is_file():
-            self.length_predictor = LengthPredictor.load(directory)
+            predictor = LengthPredictor.load(directory)
+            self._check_predictor(predictor)
+            self.length_predictor = predictor
         if (directory / "scheduler.json").is_file():
             self.scheduler = SelfTuningScheduler.load(directory)
         self.length_log.clear()
         for line in (directory / _LOG_NAME).read_text().splitlines():
             self.length_log.append(LengthRecord(**json.loads(line)))
+
+    def _check_predictor(self, predictor: LengthPredictor | None) -> None:
+        if predictor is not None and predictor.config.vocab_size != self.model.config.vocab_size:
+            raise ValueError(
+                f"the length predictor reads a vocabulary of {predictor.config.vocab_size} tokens but the model has "
+                f"{self.model.config.vocab_size}: it was trained for another model"
+            )
 
 
 def _media_after(media: dict[str, torch.Tensor], num_images: int, num_clips: int) -> dict[str, torch.Tensor]:

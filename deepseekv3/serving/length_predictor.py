@@ -1,5 +1,6 @@
 """Output-length predictor: a small LSTM that reads a prompt's tokens and predicts how many tokens the model will
-generate for it, trained from the engine's own logs of (prompt tokens -> generated length).
+generate for it, trained from the engine's own logs of (prompt tokens -> generated length). The engine logs prompt
+tokens only when told to (`EngineConfig.log_prompt_tokens`), keeps them in memory, and never writes them to disk.
 
 The scheduler uses the prediction to group requests of similar total length and to admit them by predicted memory.
 Untrained, it falls back to each request's `max_new_tokens` (the worst case), which is what the engine assumes
@@ -25,11 +26,18 @@ _WEIGHTS_NAME = "length_predictor.pt"
 
 @dataclass
 class LengthRecord:
-    """One finished request from the engine's log."""
+    """One finished request from the engine's log.
 
-    prompt_ids: list[int]
+    Args:
+        prompt_length (`int`), generated_length (`int`), max_new_tokens (`int`): the request's lengths.
+        prompt_ids (`tuple[int]`, defaults to `()`): the prompt's last tokens, the features `fit` trains on (the
+            engine keeps `EngineConfig.log_prompt_tokens` of them, in memory only); empty in a log of lengths only.
+    """
+
+    prompt_length: int
     generated_length: int
     max_new_tokens: int
+    prompt_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -93,6 +101,7 @@ class LengthPredictor(nn.Module):
         """Trains on logged requests (L1 loss on `log(1 + length)`); returns the mean loss of each epoch."""
         if not records:
             raise ValueError("fit needs at least one logged request")
+        _check_features(records)
         generator = random.Random(seed)
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         targets = torch.tensor([math.log1p(record.generated_length) for record in records])
@@ -117,6 +126,7 @@ class LengthPredictor(nn.Module):
 
     def mean_absolute_error(self, records: Sequence[LengthRecord]) -> float:
         """MAE, in tokens, of `predict` on `records` (held-out logs)."""
+        _check_features(records)
         predicted = self.predict([r.prompt_ids for r in records], [r.max_new_tokens for r in records])
         return sum(abs(p - r.generated_length) for p, r in zip(predicted, records)) / len(records)
 
@@ -139,3 +149,12 @@ class LengthPredictor(nn.Module):
         predictor.load_state_dict(torch.load(directory / _WEIGHTS_NAME, weights_only=True))
         predictor.is_trained = is_trained
         return predictor.eval()
+
+
+def _check_features(records: Sequence[LengthRecord]) -> None:
+    missing = sum(1 for record in records if not record.prompt_ids)
+    if missing:
+        raise ValueError(
+            f"{missing} of {len(records)} records hold no prompt tokens: log them with "
+            "EngineConfig(log_prompt_tokens=...) to train or evaluate the predictor"
+        )

@@ -7,6 +7,8 @@ model cannot serve as well.
 """
 
 import math
+import threading
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .engine import Engine, EngineConfig, RequestHandle
+from .engine import Engine, EngineConfig, EngineHealth, EngineStoppedError, RequestHandle
 
 __all__ = ["ComplexityClassifier", "Router", "RoutingDecision", "RoutingPolicy"]
 
@@ -130,6 +132,8 @@ class Router:
         self.engines = {"full": Engine(full_model, engine_config), "lite": Engine(lite_model, engine_config)}
         self.decisions: deque[RoutingDecision] = deque(maxlen=log_size)
         self._next_id = 0
+        self._id_lock = threading.Lock()  # route() runs on every HTTP thread
+        self._is_stopping = False
 
     @property
     def num_pending(self) -> int:
@@ -138,6 +142,19 @@ class Router:
     @property
     def num_active(self) -> int:
         return sum(engine.num_active for engine in self.engines.values())
+
+    @property
+    def health(self) -> EngineHealth:
+        """Both engines' health: healthy when both are; the reasons and faults named by engine."""
+        health = {name: engine.health for name, engine in self.engines.items()}
+        reasons = [f"{name} model: {state.reason}" for name, state in health.items() if state.reason is not None]
+        faults = [f"{name} model: {state.last_fault}" for name, state in health.items() if state.last_fault]
+        return EngineHealth(
+            not reasons,
+            "; ".join(reasons) or None,
+            sum(state.faults for state in health.values()),
+            "; ".join(faults) or None,
+        )
 
     def route(self, inputs: Mapping[str, torch.Tensor] | Sequence[int]) -> RoutingDecision:
         """Decides (and logs) where a request goes, without submitting it."""
@@ -155,8 +172,10 @@ class Router:
             model, reason = ("full" if is_complex else "lite"), "classifier"
         else:
             model, reason = "lite", "short text prompt"
-        decision = RoutingDecision(self._next_id, model, reason, len(input_ids), num_images, num_clips, score)
-        self._next_id += 1
+        with self._id_lock:
+            request_id = self._next_id
+            self._next_id += 1
+        decision = RoutingDecision(request_id, model, reason, len(input_ids), num_images, num_clips, score)
         self.decisions.append(decision)
         logger.info(f"routing request {decision.request_id} to the {model} model ({reason})")
         return decision
@@ -168,17 +187,24 @@ class Router:
         timeout_s: float | None = None,
     ) -> RequestHandle:
         """Routes and submits one request (see `Engine.submit`)."""
+        if self._is_stopping:
+            raise EngineStoppedError("the engines are stopping")
         decision = self.route(inputs)
         return self.engines[decision.model].submit(inputs, max_new_tokens, timeout_s)
 
     def start(self) -> "Router":
+        self._is_stopping = False
         for engine in self.engines.values():
             engine.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Stops both engines (see `Engine.stop`): `submit` raises `EngineStoppedError` from the call on, and both
+        engines drain within the one `drain_timeout_s`."""
+        self._is_stopping = True
+        deadline = time.monotonic() + drain_timeout_s
         for engine in self.engines.values():
-            engine.stop()
+            engine.stop(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> "Router":
         return self.start()

@@ -10,6 +10,7 @@ depend on the machine's speed.
 
 import json
 import math
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,6 +89,8 @@ class SelfTuningScheduler:
         latency_bound_s (`float`): inter-token latency (seconds per decoding step) the reward respects.
         epoch_steps (`int`, defaults to 8): decoding steps per bandit round.
         exploration (`float`, defaults to 0.5): the UCB constant.
+        history_size (`int`, defaults to 1000): epochs kept in `history`, the (arm, reward) of the latest epochs (a
+            ring buffer; the bandit's counts and sums cover every epoch).
     """
 
     def __init__(
@@ -96,17 +99,21 @@ class SelfTuningScheduler:
         latency_bound_s: float,
         epoch_steps: int = 8,
         exploration: float = 0.5,
+        history_size: int = 1000,
     ):
         if not settings:
             raise ValueError("settings must name at least one SchedulerSetting")
-        if latency_bound_s <= 0 or epoch_steps < 1:
-            raise ValueError(f"latency_bound_s ({latency_bound_s}) and epoch_steps ({epoch_steps}) must be positive")
+        if latency_bound_s <= 0 or epoch_steps < 1 or history_size < 1:
+            raise ValueError(
+                f"latency_bound_s ({latency_bound_s}), epoch_steps ({epoch_steps}) and history_size ({history_size}) "
+                "must be positive"
+            )
         self.settings = list(settings)
         self.latency_bound_s = latency_bound_s
         self.epoch_steps = epoch_steps
         self.bandit = UCBBandit(len(settings), exploration)
         self.arm = self.bandit.select()
-        self.history: list[tuple[int, float]] = []
+        self.history: deque[tuple[int, float]] = deque(maxlen=history_size)
         self._tokens = 0
         self._seconds = 0.0
         self._steps = 0
@@ -138,7 +145,7 @@ class SelfTuningScheduler:
         self.arm = self.bandit.select()
 
     def save(self, directory: str | Path) -> None:
-        """Writes the arms, the bandit's counts and sums to `directory/scheduler.json`."""
+        """Writes the arms, the bandit's counts and sums and the history size to `directory/scheduler.json`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {
@@ -146,6 +153,7 @@ class SelfTuningScheduler:
             "latency_bound_s": self.latency_bound_s,
             "epoch_steps": self.epoch_steps,
             "exploration": self.bandit.exploration,
+            "history_size": self.history.maxlen,
             "counts": self.bandit.counts,
             "sums": self.bandit.sums,
             "scale": self.bandit.scale,
@@ -164,6 +172,7 @@ class SelfTuningScheduler:
             state["latency_bound_s"],
             state["epoch_steps"],
             state["exploration"],
+            state["history_size"],
         )
         scheduler.bandit.counts, scheduler.bandit.sums = state["counts"], state["sums"]
         scheduler.bandit.scale = state["scale"]

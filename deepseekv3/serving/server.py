@@ -7,12 +7,18 @@ URL, `input_audio` (base64 WAV, as OpenAI sends it) or `audio_url` with a `data:
 remote URL. It binds to 127.0.0.1 unless told otherwise, refuses bodies over `max_request_bytes` (413) and answers
 errors in OpenAI's shape, `{"error": {"message", "type", "code"}}`. Decoding is greedy: `temperature` must be 0 or
 absent.
+
+No client waits forever: a handler waits for its request in short slices, at most `request_timeout_s` (then 504),
+and cancels the request as soon as its client has closed the connection, streaming or not. An engine fault answers
+500, a stopping server 503, and `/health` answers 503 with the reason while the engine is unhealthy or stopping.
 """
 
 import base64
 import binascii
 import io
 import json
+import select
+import socket
 import threading
 import time
 import wave
@@ -23,13 +29,31 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from transformers.utils import logging
 
-from .engine import Engine, EngineOverloadedError, RequestTimeoutError, RequestTooLargeError
+from .engine import (
+    Engine,
+    EngineFaultError,
+    EngineHealth,
+    EngineOverloadedError,
+    EngineStoppedError,
+    RequestHandle,
+    RequestTimeoutError,
+    RequestTooLargeError,
+)
 from .router import Router
 
 __all__ = ["ChatServer", "ServerConfig"]
 
+logger = logging.get_logger(__name__)
+
 _SAMPLING_RATE = 16_000
+_POLL_S = 0.1  # how often a waiting handler looks at its client's connection
+_SETTLE_GRACE_S = 1.0  # the engine expires a request at its next step: the handler gives it this long to say so
+
+
+class _ClientLeftError(Exception):
+    """The client closed its connection before its answer was ready."""
 
 
 class _RequestError(Exception):
@@ -51,7 +75,10 @@ class ServerConfig:
         max_request_bytes (`int`, defaults to 16 MiB): larger bodies get 413.
         max_tokens (`int`, defaults to 256): the largest `max_tokens` a request may ask for.
         default_max_tokens (`int`, defaults to 64): `max_tokens` of a request that names none.
-        request_timeout_s (`float`, defaults to 120): per-request engine timeout.
+        request_timeout_s (`float`, defaults to 120): per-request timeout: the engine's, and the bound on every
+            wait of the HTTP handler (504 past it).
+        drain_timeout_s (`float`, defaults to 10): on `stop`, seconds the requests already accepted have to finish
+            (new ones get 503 meanwhile) before they fail.
     """
 
     host: str = "127.0.0.1"
@@ -61,6 +88,7 @@ class ServerConfig:
     max_tokens: int = 256
     default_max_tokens: int = 64
     request_timeout_s: float = 120.0
+    drain_timeout_s: float = 10.0
 
 
 class ChatServer:
@@ -82,6 +110,7 @@ class ChatServer:
         self._thread: threading.Thread | None = None
         self._ids = iter(range(1 << 62))
         self._ids_lock = threading.Lock()
+        self._is_stopping = False
 
     @property
     def port(self) -> int:
@@ -92,6 +121,15 @@ class ChatServer:
     def url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
 
+    @property
+    def is_stopping(self) -> bool:
+        return self._is_stopping
+
+    @property
+    def health(self) -> EngineHealth:
+        """The engine's (or router's) health."""
+        return self.engine.health
+
     def start(self) -> "ChatServer":
         """Starts the engine and serves in a background thread."""
         self.engine.start()
@@ -100,21 +138,22 @@ class ChatServer:
         return self
 
     def serve_forever(self) -> None:
-        """Starts the engine and serves in this thread until interrupted."""
-        self.engine.start()
+        """Starts the engine and serves until interrupted (`KeyboardInterrupt`), then stops as `stop` does."""
+        self.start()
         try:
-            self._httpd.serve_forever()
+            threading.Event().wait()  # a signal interrupts the wait
         finally:
-            self._httpd.server_close()
-            self.engine.stop()
+            self.stop()
 
     def stop(self) -> None:
-        """Stops serving, closes the socket and stops the engine."""
+        """Drains and stops: new requests and `/health` get 503 while the engine finishes what it accepted (for up
+        to `drain_timeout_s`; the rest then fail with 503), then the socket closes."""
+        self._is_stopping = True
+        self.engine.stop(self.config.drain_timeout_s)
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
             self._thread.join()
-        self.engine.stop()
 
     def __enter__(self) -> "ChatServer":
         return self.start()
@@ -283,9 +322,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/health":
-            engine = self.app.engine
-            body = {"status": "ok", "model": self.app.config.model_name, "queued": engine.num_pending}
-            self._send_json(HTTPStatus.OK, {**body, "active": engine.num_active})
+            self._send_health()
         elif self.path == "/v1/models":
             model = {"id": self.app.config.model_name, "object": "model", "owned_by": "deepseekv3"}
             self._send_json(HTTPStatus.OK, {"object": "list", "data": [model]})
@@ -310,6 +347,9 @@ class _Handler(BaseHTTPRequestHandler):
         except EngineOverloadedError as error:
             self._send_error(_RequestError(HTTPStatus.TOO_MANY_REQUESTS, str(error), "rate_limit_error"))
             return
+        except EngineStoppedError as error:
+            self._send_error(_RequestError(HTTPStatus.SERVICE_UNAVAILABLE, str(error), "server_error", "stopping"))
+            return
         except ValueError as error:
             self._send_error(_RequestError(HTTPStatus.BAD_REQUEST, str(error)))
             return
@@ -317,10 +357,48 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(_RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, repr(error), "server_error"))
             return
         prompt_tokens = int(inputs["input_ids"].shape[-1])
+        deadline = time.monotonic() + self.app.config.request_timeout_s + _SETTLE_GRACE_S
         if stream:
-            self._stream(handle, prompt_tokens)
+            self._stream(handle, prompt_tokens, deadline)
         else:
-            self._complete(handle, prompt_tokens)
+            self._complete(handle, prompt_tokens, deadline)
+
+    def _send_health(self) -> None:
+        if self.app.is_stopping:
+            error = _RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is stopping", "server_error", "stopping")
+            self._send_error(error)
+            return
+        health = self.app.health
+        if not health.is_healthy:
+            self._send_error(
+                _RequestError(HTTPStatus.SERVICE_UNAVAILABLE, health.reason, "server_error", "engine_unhealthy")
+            )
+            return
+        engine = self.app.engine
+        body = {"status": "ok", "model": self.app.config.model_name, "queued": engine.num_pending}
+        body.update(active=engine.num_active, faults=health.faults, last_fault=health.last_fault)
+        self._send_json(HTTPStatus.OK, body)
+
+    def _client_left(self) -> bool:
+        """Whether the client has closed its connection: the socket reads as ready, yet holds no byte."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):  # reset, or already closed
+            return True
+
+    def _check_waiting(self, handle: RequestHandle, deadline: float) -> None:
+        """Between two slices of waiting: cancels the request and raises when its client has left
+        (`_ClientLeftError`) or when it outlived the request timeout (a 504 `_RequestError`)."""
+        if self._client_left():
+            handle.cancel()
+            raise _ClientLeftError
+        if time.monotonic() >= deadline:
+            handle.cancel()
+            timeout = self.app.config.request_timeout_s
+            raise _RequestError(
+                HTTPStatus.GATEWAY_TIMEOUT, f"request not answered within {timeout} s", "timeout_error"
+            )
 
     def _read_json(self) -> Any:
         length = self.headers.get("Content-Length")
@@ -345,14 +423,18 @@ class _Handler(BaseHTTPRequestHandler):
     def _decode(self, token_ids: list[int]) -> str:
         return self.app.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def _complete(self, handle, prompt_tokens: int) -> None:
+    def _complete(self, handle: RequestHandle, prompt_tokens: int, deadline: float) -> None:
         try:
+            while not handle.wait(_POLL_S):
+                self._check_waiting(handle, deadline)
             result = handle.result()
-        except RequestTimeoutError as error:
-            self._send_error(_RequestError(HTTPStatus.GATEWAY_TIMEOUT, str(error), "timeout_error"))
+        except _ClientLeftError:
             return
-        except Exception as error:  # the engine's error for this request (a failed forward, a stopped engine)
-            self._send_error(_RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, str(error), "server_error"))
+        except _RequestError as error:
+            self._send_error(error)
+            return
+        except Exception as error:  # the engine's error for this request
+            self._send_error(_engine_error(error))
             return
         choice = {
             "index": 0,
@@ -367,18 +449,25 @@ class _Handler(BaseHTTPRequestHandler):
         }
         self._send_json(HTTPStatus.OK, {**self._envelope("chat.completion"), "choices": [choice], "usage": usage})
 
-    def _stream(self, handle, prompt_tokens: int) -> None:
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
+    def _stream(self, handle: RequestHandle, prompt_tokens: int, deadline: float) -> None:
         envelope = self._envelope("chat.completion.chunk")
-        self._send_event({**envelope, "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
         tokens, sent = [], ""
         try:
-            for token in handle:
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            self._send_event({**envelope, "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+            while True:
+                try:
+                    token = handle.next_token(_POLL_S)
+                except TimeoutError:
+                    self._check_waiting(handle, deadline)
+                    continue
+                if token is None:
+                    break
                 tokens.append(token)
                 text = self._decode(tokens)
                 if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
@@ -388,12 +477,16 @@ class _Handler(BaseHTTPRequestHandler):
                     self._send_event({**envelope, "choices": [{"index": 0, "delta": delta}]})
                     sent = text
             result = handle.result()
-        except (BrokenPipeError, ConnectionResetError):
-            handle.cancel()  # the client left
+        except (_ClientLeftError, ConnectionError):  # the client left (a broken pipe, a reset, a closed socket)
+            handle.cancel()
             return
         except Exception as error:
-            self._send_event({"error": {"message": str(error), "type": type(error).__name__, "code": None}})
-            self.wfile.write(b"data: [DONE]\n\n")
+            failure = error if isinstance(error, _RequestError) else _engine_error(error)
+            try:
+                self._send_event({"error": _error_body(failure)})
+                self.wfile.write(b"data: [DONE]\n\n")
+            except ConnectionError:
+                pass  # the client left too
             return
         final = {"index": 0, "delta": {}, "finish_reason": result.finish_reason}
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens)}
@@ -422,5 +515,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _send_error(self, error: _RequestError) -> None:
-        payload = {"error": {"message": str(error), "type": error.error_type, "code": error.code}}
-        self._send_json(error.status, payload)
+        self._send_json(error.status, {"error": _error_body(error)})
+
+
+def _error_body(error: _RequestError) -> dict:
+    return {"message": str(error), "type": error.error_type, "code": error.code}
+
+
+def _engine_error(error: Exception) -> _RequestError:
+    """The answer to a request the engine failed; internals (exception texts) go to the server log only."""
+    if isinstance(error, RequestTimeoutError):
+        return _RequestError(HTTPStatus.GATEWAY_TIMEOUT, str(error), "timeout_error")
+    if isinstance(error, EngineStoppedError):
+        return _RequestError(HTTPStatus.SERVICE_UNAVAILABLE, str(error), "server_error", "stopping")
+    if isinstance(error, ValueError):  # the model's own checks refused the request's inputs
+        return _RequestError(HTTPStatus.BAD_REQUEST, str(error))
+    if isinstance(error, EngineFaultError):  # the engine logged the details
+        return _RequestError(
+            HTTPStatus.INTERNAL_SERVER_ERROR,
+            f"the engine failed during {error.stage}; the request was not completed",
+            "server_error",
+        )
+    logger.error("request failed", exc_info=error)
+    return _RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, "the request failed", "server_error")

@@ -1,9 +1,15 @@
-"""Shared builders of the serving tests: the tiny media model and a mixed set of requests."""
+"""Shared builders of the serving tests: the tiny media model, a mixed set of requests, fault injection, and waits
+that fail a test instead of hanging it."""
+
+import threading
+import time
 
 import torch
 from conftest import TINY_MEDIA_KWARGS, TINY_TEXT_KWARGS
 
 from deepseekv3 import DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration
+from deepseekv3.serving import LengthPredictor, LengthPredictorConfig, LengthRecord
+from deepseekv3.serving.latent_batch import LatentBatch
 
 IMAGE_ID, AUDIO_ID = TINY_MEDIA_KWARGS["image_token_id"], TINY_MEDIA_KWARGS["audio_token_id"]
 NUM_IMAGE_TOKENS = (TINY_MEDIA_KWARGS["image_size"] // TINY_MEDIA_KWARGS["patch_size"]) ** 2
@@ -53,3 +59,67 @@ def generate_one(model, inputs: dict, max_new_tokens: int) -> list[int]:
     """`model.generate(do_sample=False)` on one request: the new tokens."""
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+FAULT_STAGES = ["length prediction", "admission", "prefill", "decode", "cache compaction"]
+
+
+def raise_injected_fault(*args, **kwargs):
+    raise RuntimeError("injected fault")
+
+
+def failing_forward(model, is_target):
+    """`model.forward`, raising `RuntimeError` on the calls whose `input_ids` `is_target` picks."""
+    forward = model.forward
+
+    def forward_or_fail(*args, **kwargs):
+        if is_target(kwargs["input_ids"]):
+            raise RuntimeError("injected fault")
+        return forward(*args, **kwargs)
+
+    return forward_or_fail
+
+
+def inject_fault(stage: str, engine, patch) -> None:
+    """Makes every step of `engine` fail at `stage` (one of `FAULT_STAGES`) until `patch` (a pytest monkeypatch) is
+    undone."""
+    model = engine.model
+    if stage == "length prediction":  # a real fault: engine state saved from a model with another vocabulary
+        predictor = LengthPredictor(LengthPredictorConfig(vocab_size=8))
+        predictor.fit([LengthRecord(2, 3, 8, (1, 5))], epochs=1)
+        patch.setattr(engine, "length_predictor", predictor)
+    elif stage == "admission":
+        patch.setattr(engine, "_choose_admissions", raise_injected_fault)
+    elif stage == "prefill":
+        patch.setattr(model, "forward", failing_forward(model, lambda ids: ids.shape[1] > 1))
+    elif stage == "decode":
+        patch.setattr(model, "forward", failing_forward(model, lambda ids: ids.shape[1] == 1))
+    else:
+        patch.setattr(LatentBatch, "keep", raise_injected_fault)
+
+
+def run_in_thread(function, timeout: float = 60.0):
+    """`function()` in another thread; fails the test when it has not returned within `timeout` seconds (a hang)."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = function()
+        except BaseException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{function} still blocked after {timeout} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def wait_until(predicate, timeout: float = 60.0) -> None:
+    """Polls `predicate` until it holds; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{predicate} did not hold within {timeout} s"
+        time.sleep(0.01)

@@ -18,7 +18,7 @@ def synthetic_logs(count: int, seed: int) -> list[LengthRecord]:
         prompt = [1] + [rng.randint(20, VOCAB - 1) for _ in range(rng.randint(2, 12))]
         prompt.insert(rng.randint(1, len(prompt)), hint)
         length = max(1, HINTS[hint] + rng.randint(-1, 1))
-        records.append(LengthRecord(prompt, length, 48))
+        records.append(LengthRecord(len(prompt), length, 48, tuple(prompt)))
     return records
 
 

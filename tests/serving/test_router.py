@@ -1,10 +1,14 @@
 """Model routing: requests go to the full or the lite model by complexity; decisions are logged."""
 
+import concurrent.futures
+import threading
+
 import pytest
 import torch
 from serving_helpers import generate_one, mixed_requests, text_ids, tiny_media_model
 
-from deepseekv3.serving.router import ComplexityClassifier, Router, RoutingPolicy
+from deepseekv3.serving import router as router_module
+from deepseekv3.serving.router import ComplexityClassifier, Router, RoutingDecision, RoutingPolicy
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +56,18 @@ def test_router_refuses_models_with_different_vocabularies(models):
     full, _ = models
     with pytest.raises(ValueError, match="one vocabulary"):
         Router(full, tiny_media_model(vocab_size=80))
+
+
+def test_concurrent_routes_get_distinct_ids_and_the_log_keeps_the_latest(models, monkeypatch):
+    router = Router(*models, log_size=1)
+    barrier = threading.Barrier(2, timeout=60)
+
+    def decision_at_the_same_moment(*args):  # both threads build their decision together
+        barrier.wait()
+        return RoutingDecision(*args)
+
+    monkeypatch.setattr(router_module, "RoutingDecision", decision_at_the_same_moment)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        decisions = list(pool.map(router.route, [[1, 5, 6], [1, 7, 8]]))
+    assert sorted(decision.request_id for decision in decisions) == [0, 1]
+    assert list(router.decisions) in ([decisions[0]], [decisions[1]])  # a ring buffer of log_size decisions

@@ -71,3 +71,14 @@ def test_scheduler_state_round_trip(tmp_path):
     assert loaded.settings == scheduler.settings
     assert (loaded.bandit.counts, loaded.bandit.sums) == (scheduler.bandit.counts, scheduler.bandit.sums)
     assert loaded.arm == scheduler.bandit.select()
+
+
+def test_history_is_a_ring_buffer_of_the_latest_epochs(tmp_path):
+    scheduler = SelfTuningScheduler(SETTINGS, latency_bound_s=0.012, epoch_steps=4, history_size=5)
+    run_synthetic_load(scheduler, 40, seed=0)
+    assert len(scheduler.history) == 5
+    assert sum(scheduler.bandit.counts) == 40  # the bandit still counts every epoch
+    scheduler.save(tmp_path)
+    assert SelfTuningScheduler.load(tmp_path).history.maxlen == 5
+    with pytest.raises(ValueError, match="history_size"):
+        SelfTuningScheduler(SETTINGS, latency_bound_s=0.012, history_size=0)

@@ -1,7 +1,10 @@
-"""The OpenAI-compatible server, driven by a real HTTP client on loopback (httpx), in process and as the
-`deepseekv3 serve` command."""
+"""The OpenAI-compatible server, driven by real HTTP clients on loopback (httpx, and the official `openai` client),
+in process and as the `deepseekv3 serve` command: answers equal `generate`, every client gets its answer or an error
+within its timeout whatever fails, and a client that leaves has its request cancelled."""
 
 import base64
+import concurrent.futures
+import contextlib
 import io
 import json
 import math
@@ -9,13 +12,16 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import wave
 
 import httpx
+import openai
 import pytest
 import torch
 from conftest import TINY_MEDIA_KWARGS, TINY_TEXT_KWARGS
 from PIL import Image
+from serving_helpers import FAULT_STAGES, inject_fault, raise_injected_fault, run_in_thread, wait_until
 
 from deepseekv3 import (
     DeepseekV3MultimodalConfig,
@@ -24,6 +30,7 @@ from deepseekv3 import (
 )
 from deepseekv3.cli import main
 from deepseekv3.serving import Engine, EngineConfig, LengthPredictor, LengthPredictorConfig
+from deepseekv3.serving import server as server_module
 from deepseekv3.serving.launch import build_server
 from deepseekv3.serving.router import Router
 from deepseekv3.serving.server import ChatServer, ServerConfig
@@ -92,7 +99,8 @@ def chat(messages, **extra) -> dict:
 
 
 def test_health_and_models(client):
-    assert client.get("/health").json() == {"status": "ok", "model": MODEL_NAME, "queued": 0, "active": 0}
+    health = {"status": "ok", "model": MODEL_NAME, "queued": 0, "active": 0, "faults": 0, "last_fault": None}
+    assert client.get("/health").json() == health
     assert client.get("/v1/models").json()["data"][0]["id"] == MODEL_NAME
     assert client.get("/nowhere").status_code == 404
 
@@ -259,3 +267,175 @@ def test_built_server_routes_loads_engine_state_and_warms_up(model_dir, tmp_path
 def test_serve_command_reports_a_missing_model(tmp_path):
     with pytest.raises(SystemExit, match="no config.json"):
         main(["serve", str(tmp_path / "missing"), "--port", "0"])
+
+
+# ---- faults, timeouts, disconnects and stopping, through the official openai client -----------------------------
+
+MESSAGES = [{"role": "user", "content": "What is red?"}]
+
+
+@contextlib.contextmanager
+def running_server(processor, model, engine_config: EngineConfig | None = None, **options):
+    config = ServerConfig(**{"port": 0, "model_name": MODEL_NAME, "max_tokens": 16, **options})
+    with ChatServer(Engine(model, engine_config), processor, config) as running:
+        yield running
+
+
+def openai_client(server: ChatServer, timeout: float = 60.0) -> openai.OpenAI:
+    """No retries: each call is one request, so each error is the server's answer to it."""
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+
+def hold_engine(engine: Engine, patch) -> threading.Event:
+    """Holds the engine's loop before each step until the returned event is set (bounded, so a failing test cannot
+    hang the suite)."""
+    release = threading.Event()
+    step = engine.step
+
+    def held_step():
+        release.wait(120)
+        return step()
+
+    patch.setattr(engine, "step", held_step)
+    return release
+
+
+def record_handles(engine: Engine, patch) -> list:
+    """The handles of the requests the server submits to `engine`, as it submits them."""
+    handles = []
+    submit = engine.submit
+
+    def recording_submit(*args, **kwargs):
+        handles.append(submit(*args, **kwargs))
+        return handles[-1]
+
+    patch.setattr(engine, "submit", recording_submit)
+    return handles
+
+
+def ask(client: openai.OpenAI, stream: bool = False) -> str:
+    """The answer's text (the streamed deltas joined)."""
+    if not stream:
+        response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=8)
+        return response.choices[0].message.content
+    chunks = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=8, stream=True)
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+
+
+def error_of(call) -> openai.APIError | None:
+    try:
+        call()
+    except openai.APIError as error:
+        return error
+    return None
+
+
+@pytest.mark.parametrize("stage", FAULT_STAGES)
+def test_engine_fault_gives_every_client_an_error_and_health_the_reason(processor_and_model, monkeypatch, stage):
+    processor, model = processor_and_model
+    expected, _ = expected_answer(processor, model, MESSAGES)
+    engine_config = EngineConfig(max_consecutive_faults=1)
+    with running_server(processor, model, engine_config) as server, openai_client(server) as client:
+        with monkeypatch.context() as patch:
+            inject_fault(stage, server.engine, patch)
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                calls = [lambda stream=stream: ask(client, stream) for stream in (False, False, True, True)]
+                errors = list(pool.map(error_of, calls))
+            assert all(isinstance(error, openai.APIError) for error in errors), errors
+            for error in errors[:2]:
+                assert isinstance(error, openai.InternalServerError) and error.status_code == 500
+            assert all(f"the engine failed during {stage}" in error.message for error in errors)
+            health = httpx.get(f"{server.url}/health", timeout=60)
+            assert health.status_code == 503
+            assert health.json()["error"]["code"] == "engine_unhealthy" and stage in health.json()["error"]["message"]
+        # the fault is gone: the next request is served, and the engine is healthy again
+        assert ask(client) == expected
+        health = httpx.get(f"{server.url}/health", timeout=60).json()
+        assert health["status"] == "ok" and health["faults"] >= 1 and stage in health["last_fault"]
+
+
+def test_a_failed_engine_loop_makes_health_and_new_requests_503(processor_and_model, monkeypatch):
+    processor, model = processor_and_model
+    with running_server(processor, model) as server, openai_client(server) as client:
+        with monkeypatch.context() as patch:
+            patch.setattr(server.engine, "step", raise_injected_fault)
+            error = error_of(lambda: ask(client))
+            assert isinstance(error, openai.InternalServerError) and "during loop" in error.message
+            health = httpx.get(f"{server.url}/health", timeout=60)
+            assert health.status_code == 503 and "loop stopped" in health.json()["error"]["message"]
+            error = error_of(lambda: ask(client))
+            assert isinstance(error, openai.APIStatusError) and error.status_code == 503
+
+
+def test_a_stuck_engine_answers_within_the_request_timeout(processor_and_model, monkeypatch):
+    processor, model = processor_and_model
+    with running_server(processor, model, request_timeout_s=1.0) as server, openai_client(server) as client:
+        release = hold_engine(server.engine, monkeypatch)
+        try:
+            for stream in (False, True):
+                error = run_in_thread(lambda stream=stream: error_of(lambda: ask(client, stream)))
+                assert isinstance(error, openai.APIError) and "within 1.0 s" in error.message, error
+                if not stream:
+                    assert error.status_code == 504
+        finally:
+            release.set()
+
+
+def test_a_client_that_leaves_has_its_request_cancelled(processor_and_model, monkeypatch):
+    processor, model = processor_and_model
+    with running_server(processor, model) as server:
+        release = hold_engine(server.engine, monkeypatch)
+        handles = record_handles(server.engine, monkeypatch)
+        try:
+            # the client gives up after 2 s and closes its connection; the engine has not run the request
+            with openai_client(server, timeout=2.0) as impatient:
+                assert isinstance(error_of(lambda: ask(impatient)), openai.APITimeoutError)
+            wait_until(lambda: handles and handles[0].cancelled)
+        finally:
+            release.set()
+        wait_until(lambda: server.engine.stats["cancelled"] == 1)
+        assert server.engine.num_pending == server.engine.num_active == 0
+
+
+def test_a_broken_pipe_on_the_first_event_cancels_the_stream(processor_and_model, monkeypatch):
+    processor, model = processor_and_model
+    send_event = server_module._Handler._send_event
+    calls = []
+
+    def first_event_breaks(self, payload):
+        calls.append(payload)
+        if len(calls) == 1:
+            raise BrokenPipeError("the client left")
+        send_event(self, payload)
+
+    monkeypatch.setattr(server_module._Handler, "_send_event", first_event_breaks)
+    with running_server(processor, model) as server, openai_client(server) as client:
+        release = hold_engine(server.engine, monkeypatch)
+        handles = record_handles(server.engine, monkeypatch)
+        try:
+            assert ask(client, stream=True) == ""  # the stream ends with no event
+            wait_until(lambda: handles and handles[0].cancelled)
+        finally:
+            release.set()
+        wait_until(lambda: server.engine.stats["cancelled"] == 1)
+        assert len(calls) == 1
+
+
+def test_a_stopping_server_answers_503_and_finishes_what_it_accepted(processor_and_model, monkeypatch):
+    processor, model = processor_and_model
+    expected, _ = expected_answer(processor, model, MESSAGES)
+    server = running_server(processor, model, drain_timeout_s=120.0)
+    with server as running, openai_client(running) as client, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        release = hold_engine(running.engine, monkeypatch)
+        try:
+            accepted = pool.submit(ask, client)
+            wait_until(lambda: running.engine.num_pending == 1)
+            stopping = pool.submit(running.stop)
+            wait_until(lambda: httpx.get(f"{running.url}/health", timeout=60).status_code == 503)
+            assert httpx.get(f"{running.url}/health", timeout=60).json()["error"]["code"] == "stopping"
+            error = error_of(lambda: ask(client))
+            assert isinstance(error, openai.APIStatusError) and error.status_code == 503
+        finally:
+            release.set()
+        assert accepted.result(timeout=120) == expected
+        stopping.result(timeout=120)
