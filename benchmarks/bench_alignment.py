@@ -1,6 +1,6 @@
 """What each alignment stage buys, at equal compute, on held-out test questions, over seeds.
 
-Command (from the repository root; the default, 4 variants x 3 seeds, took 43 minutes on 2 CPU cores):
+Command (from the repository root; the default, 4 variants x 3 seeds, took 46 minutes on 2 CPU cores):
 
     .venv/bin/python benchmarks/bench_alignment.py
     .venv/bin/python benchmarks/bench_alignment.py --seeds 0 --variants A B     # one pair, a few minutes
