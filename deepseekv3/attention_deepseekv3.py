@@ -33,6 +33,11 @@ __all__ = [
     "DeepseekV3MultimodalGateOutput",
     "DeepseekV3MultimodalHeadGate",
     "causal_running_mean",
+    "gate_inputs",
+    "is_prepared_mask",
+    "open_media_spans",
+    "padding_mask",
+    "visible_mean",
 ]
 
 
@@ -73,6 +78,25 @@ def causal_running_mean(
     return running_sum / running_count.clamp(min=1.0)
 
 
+def visible_mean(values: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the positions each query sees: the gate's summary under a prepared 4-D attention mask.
+
+    Where the mask is causal within each sequence (padding, packing), this is `causal_running_mean`; a mask of
+    another shape (a shared prefix, a tree of continuations) gives each query the mean of exactly what it attends to.
+
+    Args:
+        values (`torch.Tensor` of shape `(batch, kv_len, dim)`): per-position vectors (cached past first).
+        key_mask (`torch.Tensor` of shape `(batch, num_queries, mask_kv_len)`, bool): True where a query sees a key;
+            the batch may be 1 (shared by every row), and keys past `kv_len` are ignored, as the attention functions
+            ignore them (a static cache's free slots).
+
+    Returns:
+        `torch.Tensor` of shape `(batch, num_queries, dim)`, in fp32.
+    """
+    weights = key_mask[..., : values.shape[1]].float()
+    return torch.matmul(weights, values.float()) / weights.sum(dim=-1, keepdim=True).clamp(min=1.0)
+
+
 class DeepseekV3MultimodalGateOutput(nn.Linear):
     """The head gate's last layer (`up_proj`), a plain `nn.Linear` with its own initialisation in `_init_weights`.
 
@@ -101,12 +125,18 @@ class DeepseekV3MultimodalHeadGate(nn.Module):
         padding_mask: torch.Tensor | None,
         num_queries: int,
         segment_ids: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Args: latent `(batch, kv_len, kv_lora_rank)`; padding_mask and segment_ids `(batch, kv_len)` or None
-        (see `causal_running_mean`). Returns: gate values `(batch, num_queries, num_heads)` in fp32."""
+        (see `causal_running_mean`); key_mask `(batch, num_queries, kv_len)` bool or None: with a prepared 4-D
+        attention mask, the keys each query sees, which then replace the causal running mean (see `visible_mean`).
+        Returns: gate values `(batch, num_queries, num_heads)` in fp32."""
         # fp32 throughout, autocast or not: the gate decides which heads are skipped
         with torch.autocast(device_type=latent.device.type, enabled=False):
-            summary = causal_running_mean(latent, padding_mask, num_queries, segment_ids)
+            if key_mask is None:
+                summary = causal_running_mean(latent, padding_mask, num_queries, segment_ids)
+            else:
+                summary = visible_mean(latent, key_mask)
             summary = summary.to(self.down_proj.weight.dtype)
             return torch.sigmoid(self.up_proj(self.act_fn(self.down_proj(summary))).float())
 
@@ -148,12 +178,13 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
         cache: Cache | None = None,
         gate_padding_mask: torch.Tensor | None = None,
         gate_segment_ids: torch.Tensor | None = None,
+        gate_key_mask: torch.Tensor | None = None,
         image_coordinates: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`image_coordinates` `(batch, seq_len, 2)`: with `use_image_position_values`, each position's patch (row,
         column) in [-1, 1] (zeros for text and audio), cached beside the latent and added to every head's value.
-        `gate_padding_mask` and `gate_segment_ids`: see `causal_running_mean`."""
+        `gate_padding_mask` and `gate_segment_ids`: see `causal_running_mean`; `gate_key_mask`: see `visible_mean`."""
         batch_size, seq_length = hidden_states.shape[:-1]
         kv_nope, k_rot = self._latent(hidden_states, position_embeddings, image_coordinates)
         if cache is not None:
@@ -163,7 +194,9 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
         gate_values = heads = None
         if self.head_gate is not None:
             # (batch, seq, num_heads)
-            gate_values = self.head_gate(kv_nope.squeeze(1), gate_padding_mask, seq_length, gate_segment_ids)
+            gate_values = self.head_gate(
+                kv_nope.squeeze(1), gate_padding_mask, seq_length, gate_segment_ids, gate_key_mask
+            )
             heads = self._kept_heads(gate_values)
             gate_values = gate_values if heads is None else gate_values[..., heads]
         self.last_kept_heads = heads
@@ -292,3 +325,66 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
             **kwargs,
         )
         return attn_output[..., : self.v_head_dim], attn_weights
+
+
+# ---- prepared (4-D) attention masks: what the model adds to them and what the head gate reads of them ----
+
+
+def open_media_spans(
+    attention_mask: torch.Tensor, block_sequence_ids: torch.LongTensor, past_length: int = 0
+) -> torch.Tensor:
+    """A prepared 4-D attention mask with every media span opened both ways: the overlay `create_causal_mask` adds for
+    `block_sequence_ids` (transformers' `blockwise_overlay`), added to a mask it passes on as it is.
+
+    Args:
+        attention_mask (`torch.Tensor` of shape `(batch or 1, heads or 1, q_len, kv_len)`): bool (True attends) or
+            float (added to the scores: 0 attends, the dtype's minimum masks).
+        block_sequence_ids (`torch.LongTensor` of shape `(batch, q_len)`): the media span of each query position
+            (-1 for text), numbered through the batch.
+        past_length (`int`): cached positions before the queries (never part of a span: a span is always in one
+            forward); keys past `past_length + q_len` (a static cache's free slots) are left as the mask has them.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, heads or 1, q_len, kv_len)` and the mask's dtype.
+    """
+    key_ids = F.pad(block_sequence_ids, (past_length, 0), value=-1)
+    key_ids = F.pad(key_ids, (0, attention_mask.shape[-1] - key_ids.shape[1]), value=-1)
+    query_ids = block_sequence_ids[:, :, None]  # (batch, q_len, 1)
+    same_span = ((query_ids == key_ids[:, None, :]) & (query_ids >= 0))[:, None]  # (batch, 1, q_len, kv_len)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask | same_span
+    return torch.where(same_span, 0.0, attention_mask)
+
+
+def is_prepared_mask(attention_mask: torch.Tensor | None) -> bool:
+    """Whether `attention_mask` is a prepared 4-D mask (a tensor or a `BlockMask`), as transformers' masking
+    utilities tell it from a 2-D padding mask: they pass it on unchanged."""
+    return attention_mask is not None and len(attention_mask.shape) == 4
+
+
+def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """`attention_mask` if it is a `(batch, kv_len)` padding mask, else None (no mask, or a prepared 4-D one)."""
+    return attention_mask if attention_mask is not None and len(attention_mask.shape) == 2 else None
+
+
+def gate_inputs(attention_mask: torch.Tensor | None, packed_sequence_ids: torch.LongTensor | None) -> dict:
+    """What the head gate reads of the mask (`DeepseekV3MultimodalAttention.forward`'s `gate_*` arguments): the 2-D
+    padding mask and the packed sequences, or, under a prepared 4-D mask, the keys each query sees."""
+    inputs = {"gate_padding_mask": padding_mask(attention_mask), "gate_segment_ids": packed_sequence_ids}
+    if is_prepared_mask(attention_mask):
+        inputs["gate_key_mask"] = _visible_keys(attention_mask)
+    return inputs
+
+
+def _visible_keys(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`(batch, q_len, kv_len)` bool: the keys each query attends to, in any head, under a prepared 4-D mask read as
+    transformers' attention functions read it (bool: True attends; float: added to the scores, so the dtype's
+    minimum or -inf masks). The head gate's running mean is taken over these keys."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(
+            "use_attention_gate needs the attention mask as a tensor (bool or float, 4-D) to know the keys each "
+            "position sees; got a flex-attention BlockMask"
+        )
+    if attention_mask.dtype == torch.bool:
+        return attention_mask.any(dim=1)
+    return (attention_mask > torch.finfo(attention_mask.dtype).min / 2).any(dim=1)

@@ -4,24 +4,73 @@
 lists of numbers and paths. Both raise a `ValueError` that names the image or clip (by its index) and what is wrong
 with it: corrupt, empty, oversized, non-finite, or of the wrong sampling rate.
 
+`build_media_processors` builds transformers' image processor and feature extractor for a model's config, and
+`extract_audio_features` turns loaded clips into the log-mel features and frame mask the model reads.
+
 Part of the hub-portable core: `processing_deepseekv3.py` imports it with a single dot, so `save_pretrained` copies it
-next to the weights. It imports only the standard library, numpy, Pillow and transformers.
+next to the weights. It imports only the standard library, numpy, Pillow, transformers and the configuration.
 """
 
 import io
+import math
 import os
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
+from transformers import SiglipImageProcessorPil, WhisperFeatureExtractor
 from transformers.audio_utils import load_audio
 from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import load_image
 
-__all__ = ["load_audio_clips", "load_images"]
+from .configuration_deepseekv3 import DeepseekV3MultimodalConfig
+
+__all__ = ["build_media_processors", "extract_audio_features", "load_audio_clips", "load_images"]
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def build_media_processors(
+    config: DeepseekV3MultimodalConfig,
+) -> tuple[SiglipImageProcessorPil, WhisperFeatureExtractor]:
+    """transformers' SigLIP image processor (square resize to `image_size`, rescale, normalise) and Whisper feature
+    extractor (`num_mel_bins` log-mel bins, with the frame mask) for a model of configuration `config`.
+
+    Raises:
+        `ValueError`: if `config.num_channels` is not 3 (the image processor produces RGB images).
+    """
+    if config.num_channels != 3:
+        raise ValueError(f"num_channels ({config.num_channels}) must be 3: the processor produces RGB images")
+    image_processor = SiglipImageProcessorPil(size={"height": config.image_size, "width": config.image_size})
+    # `chunk_length` (whole seconds) only sets the extractor's default padding; the processor pads to the longest
+    # clip. Whisper's defaults: 16 kHz, a hop of 160 samples per frame.
+    chunk_length = max(1, math.ceil(config.audio_max_frames * 160 / 16000))
+    feature_extractor = WhisperFeatureExtractor(
+        feature_size=config.num_mel_bins, chunk_length=chunk_length, return_attention_mask=True
+    )
+    return image_processor, feature_extractor
+
+
+def extract_audio_features(feature_extractor: WhisperFeatureExtractor, clips: list[np.ndarray]) -> dict:
+    """Log-mel features of every clip (from `load_audio_clips`), padded to the longest, with the frame mask.
+
+    Returns:
+        `dict`: `input_features` float32 `(num_clips, num_mel_bins, frames)` and `input_features_mask` int64
+        `(num_clips, frames)`, 1 for real frames.
+    """
+    features = feature_extractor(
+        clips,
+        sampling_rate=feature_extractor.sampling_rate,
+        padding="longest",
+        truncation=False,
+        return_attention_mask=True,
+        return_tensors="np",
+    )
+    return {
+        "input_features": features["input_features"].astype(np.float32),
+        "input_features_mask": features["attention_mask"].astype(np.int64),
+    }
 
 
 def load_images(images, max_image_pixels: int) -> list[Image.Image]:

@@ -46,6 +46,10 @@ from .attention_deepseekv3 import (
     DeepseekV3MultimodalAttention,
     DeepseekV3MultimodalGateOutput,
     DeepseekV3MultimodalHeadGate,
+    gate_inputs,
+    is_prepared_mask,
+    open_media_spans,
+    padding_mask,
 )
 from .configuration_deepseekv3 import DeepseekV3MultimodalConfig
 from .embeddings_deepseekv3 import DeepseekV3MultimodalEmbeddingsMixin, DeepseekV3MultimodalFeaturesMixin
@@ -68,6 +72,7 @@ __all__ = [
     "contrastive_loss",
     "expert_load",
     "gate_sparsity_loss",
+    "open_media_spans",
     "sequence_balance_loss",
 ]
 
@@ -291,6 +296,15 @@ class DeepseekV3MultimodalPreTrainedModel(DeepseekV3PreTrainedModel):
             }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # transformers counts every model outside its own package as custom code, and for custom code it skips a
+        # module whose own parameters are all loaded, or that has none: the shortcut protects `_init_weights` that
+        # write tensors in place. Every branch here goes through `transformers.initialization`, which leaves loaded
+        # tensors alone, and the model's branch initialises its children (image stem, modality-type embedding); with
+        # the shortcut, a model without `logit_scale` (or whose `logit_scale` was loaded) would never run that branch,
+        # and those children would keep the plain Conv2d / Embedding initialisation.
+        super()._initialize_weights(module, is_custom_code=False)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, DeepseekV3MultimodalGateOutput):
@@ -425,6 +439,11 @@ class DeepseekV3MultimodalModel(
             input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): token ids; each image occupies
                 `config.num_image_tokens` `image_token_id` positions, each audio clip `frames // audio_conv_stride`
                 `audio_token_id` positions.
+            attention_mask (`torch.Tensor`, *optional*): a `(batch, kv_len)` padding mask, or, as upstream takes it,
+                a prepared 4-D mask `(batch, 1, q_len, kv_len)`, bool or float (added to the scores), used as given
+                (packed rows, shared prefixes): each media span is opened both ways in it
+                (`use_bidirectional_media_attention`), the head gate averages over the keys it shows, and
+                `attention_block_size`'s window is not added (warned once).
             pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, image_size, image_size)`): every
                 image of the batch, in order of appearance.
             input_features (`torch.FloatTensor` of shape `(num_clips, num_mel_bins, frames)`): log-mel features of
@@ -448,10 +467,10 @@ class DeepseekV3MultimodalModel(
         if self.config.use_image_position_values:
             kwargs["image_coordinates"] = self.get_image_coordinates(input_ids, inputs_embeds)
         if self.config.use_attention_gate:
-            is_padding_mask = attention_mask is not None and attention_mask.ndim == 2
-            kwargs["gate_padding_mask"] = attention_mask if is_padding_mask else None
-            kwargs["gate_segment_ids"] = packed_sequence_ids
-        if self.config.attention_block_size is not None or block_sequence_ids is not None:
+            kwargs.update(gate_inputs(attention_mask, packed_sequence_ids))
+        if is_prepared_mask(attention_mask):
+            attention_mask = self._overlay_prepared_mask(attention_mask, block_sequence_ids, past_length)
+        elif self.config.attention_block_size is not None or block_sequence_ids is not None:
             # prepared here; upstream's `create_causal_mask` passes a prepared mask on as it is
             attention_mask = self._block_mask(inputs_embeds, attention_mask, cache, position_ids, block_sequence_ids)
         outputs = super().forward(
@@ -464,6 +483,28 @@ class DeepseekV3MultimodalModel(
             **kwargs,
         )
         return DeepseekV3MultimodalModelOutputWithPast(**outputs)
+
+    def _overlay_prepared_mask(
+        self, attention_mask: torch.Tensor, block_sequence_ids: torch.LongTensor | None, past_length: int
+    ) -> torch.Tensor:
+        """A prepared 4-D `attention_mask` (a tensor or flex-attention `BlockMask`), which upstream's
+        `create_causal_mask` passes on as it is, with what ours adds where it can: each media span opened both ways
+        (`open_media_spans`, on a tensor). The block-local window of `attention_block_size` is not added: the given
+        mask decides which keys each query sees."""
+        if self.config.attention_block_size is not None:
+            logger.warning_once(
+                "A prepared 4-D attention_mask is used as given: attention_block_size's local window is not added to "
+                "it (build the window into the mask, or pass a 2-D padding mask)"
+            )
+        if block_sequence_ids is None:
+            return attention_mask
+        if not isinstance(attention_mask, torch.Tensor):
+            logger.warning_once(
+                "A BlockMask attention_mask is used as given: the bidirectional attention inside each image and "
+                "audio clip (use_bidirectional_media_attention) is not added to it"
+            )
+            return attention_mask
+        return open_media_spans(attention_mask, block_sequence_ids, past_length)
 
     def _block_mask(
         self,
@@ -535,7 +576,8 @@ def _packed_sequence_ids(
 
 def _token_mask(attention_mask: torch.Tensor | None, batch_size: int, seq_len: int, device) -> torch.Tensor:
     """`(batch, seq_len)` float mask of the real positions of a forward's inputs (all of them without a 2-D mask)."""
-    if attention_mask is None or attention_mask.ndim != 2:
+    attention_mask = padding_mask(attention_mask)
+    if attention_mask is None:
         return torch.ones(batch_size, seq_len, device=device)
     return attention_mask[:, -seq_len:].float()
 
@@ -674,7 +716,7 @@ class DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalPreTraine
             )
         if penalize_gates:
             losses["gate_sparsity_loss"] = self.config.attention_gate_sparsity_weight * gate_sparsity_loss(
-                outputs.gate_values, attention_mask
+                outputs.gate_values, padding_mask(attention_mask)
             )
         token_mask = _token_mask(attention_mask, *outputs.last_hidden_state.shape[:2], logits.device)
         if balance_sequences:

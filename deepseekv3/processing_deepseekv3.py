@@ -7,28 +7,42 @@ square `image_size`, rescale, normalise) and transformers' Whisper feature extra
 model produces for that image or clip, and `apply_chat_template` renders conversations. On top of the pipeline it
 loads and checks media (`media_deepseekv3.py`: clear `ValueError`s for corrupt, empty, oversized or non-finite input),
 truncates without ever cutting through a media span, pads left or right, and returns `mm_token_type_ids`
-(`layout_deepseekv3.py`).
+(`layout_deepseekv3.py`). The class wires these together; the work itself is done by those modules' functions.
 
 This file is part of the hub-portable core: it imports only the standard library, numpy, Pillow, torch and
 transformers, and its sibling modules with single-dot imports (so `save_pretrained` copies them next to it).
 """
 
-import math
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
-from transformers import BatchFeature, SiglipImageProcessorPil, WhisperFeatureExtractor
+from transformers import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 
 from .configuration_deepseekv3 import DeepseekV3MultimodalConfig
-from .layout_deepseekv3 import media_spans, modality_ids, pad_rows, truncate_rows
-from .media_deepseekv3 import load_audio_clips, load_images
+from .layout_deepseekv3 import (
+    assistant_labels,
+    check_layout_sizes,
+    check_media_truncation,
+    check_processor_matches_config,
+    lay_out_rows,
+    placeholder_token_ids,
+)
+from .media_deepseekv3 import build_media_processors, extract_audio_features, load_audio_clips, load_images
 
 __all__ = ["DeepseekV3MultimodalProcessor", "DeepseekV3MultimodalProcessorKwargs"]
 
-_MEDIA_TRUNCATION_CHOICES = ("error", "drop")
+_MODEL_INPUT_NAMES = (
+    "input_ids",
+    "attention_mask",
+    "mm_token_type_ids",
+    "pixel_values",
+    "input_features",
+    "input_features_mask",
+)
+# The tokenizer options the processor applies itself, on whole media spans (`lay_out_rows`).
+_LAYOUT_KWARGS = ("padding", "truncation", "max_length", "padding_side", "pad_to_multiple_of")
 
 
 class DeepseekV3MultimodalProcessorKwargs(ProcessingKwargs, total=False):
@@ -104,26 +118,11 @@ class DeepseekV3MultimodalProcessor(ProcessorMixin):
         self.max_image_pixels = max_image_pixels
         self.image_token = image_token
         self.audio_token = audio_token
-        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        self.audio_token_id = tokenizer.convert_tokens_to_ids(audio_token)
-        for name, token, token_id in (
-            ("image_token", image_token, self.image_token_id),
-            ("audio_token", audio_token, self.audio_token_id),
-        ):
-            if token_id is None or token_id == tokenizer.unk_token_id or token not in tokenizer.get_vocab():
-                raise ValueError(f"{name} ({token!r}) is not a token of the tokenizer")
+        self.image_token_id, self.audio_token_id = placeholder_token_ids(tokenizer, image_token, audio_token)
         super().__init__(
             image_processor, feature_extractor, tokenizer, chat_template=chat_template or tokenizer.chat_template
         )
-        image_size = self.image_size
-        if self.image_processor.size.get("width", image_size) != image_size:
-            raise ValueError(f"the image processor's size ({self.image_processor.size}) must be square")
-        if image_size % patch_size != 0:
-            raise ValueError(f"patch_size ({patch_size}) must divide image_size ({image_size})")
-        if audio_max_frames % audio_conv_stride != 0:
-            raise ValueError(
-                f"audio_conv_stride ({audio_conv_stride}) must divide audio_max_frames ({audio_max_frames})"
-            )
+        check_layout_sizes(self.image_processor.size, patch_size, audio_conv_stride, audio_max_frames)
 
     @classmethod
     def from_config(
@@ -140,15 +139,7 @@ class DeepseekV3MultimodalProcessor(ProcessorMixin):
         Returns:
             `DeepseekV3MultimodalProcessor`
         """
-        if config.num_channels != 3:
-            raise ValueError(f"num_channels ({config.num_channels}) must be 3: the processor produces RGB images")
-        image_processor = SiglipImageProcessorPil(size={"height": config.image_size, "width": config.image_size})
-        # `chunk_length` (whole seconds) only sets the extractor's default padding; the processor pads to the longest
-        # clip. Whisper's defaults: 16 kHz, a hop of 160 samples per frame.
-        chunk_length = max(1, math.ceil(config.audio_max_frames * 160 / 16000))
-        feature_extractor = WhisperFeatureExtractor(
-            feature_size=config.num_mel_bins, chunk_length=chunk_length, return_attention_mask=True
-        )
+        image_processor, feature_extractor = build_media_processors(config)
         processor = cls(
             image_processor,
             feature_extractor,
@@ -170,27 +161,7 @@ class DeepseekV3MultimodalProcessor(ProcessorMixin):
         Args:
             config (`DeepseekV3MultimodalConfig`): the model's configuration.
         """
-        if len(self.tokenizer) > config.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is {config.vocab_size}: "
-                f"ids >= {config.vocab_size} have no embedding; build the config with vocab_size >= "
-                f"{len(self.tokenizer)}"
-            )
-        pairs = {
-            "pad_token_id": (self.tokenizer.pad_token_id, config.pad_token_id),
-            "bos_token_id": (self.tokenizer.bos_token_id, config.bos_token_id),
-            "eos_token_id": (self.tokenizer.eos_token_id, config.eos_token_id),
-            "image_token_id": (self.image_token_id, config.image_token_id),
-            "audio_token_id": (self.audio_token_id, config.audio_token_id),
-            "image_size": (self.image_size, config.image_size),
-            "patch_size": (self.patch_size, config.patch_size),
-            "num_mel_bins": (self.feature_extractor.feature_size, config.num_mel_bins),
-            "audio_conv_stride": (self.audio_conv_stride, config.audio_conv_stride),
-            "audio_max_frames": (self.audio_max_frames, config.audio_max_frames),
-        }
-        for name, (processor_value, config_value) in pairs.items():
-            if config_value is not None and processor_value != config_value:
-                raise ValueError(f"config.{name} ({config_value}) differs from the processor's ({processor_value})")
+        check_processor_matches_config(self, config)
 
     @property
     def image_size(self) -> int:
@@ -204,14 +175,7 @@ class DeepseekV3MultimodalProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return [
-            "input_ids",
-            "attention_mask",
-            "mm_token_type_ids",
-            "pixel_values",
-            "input_features",
-            "input_features_mask",
-        ]
+        return list(_MODEL_INPUT_NAMES)
 
     def __call__(
         self,
@@ -248,16 +212,11 @@ class DeepseekV3MultimodalProcessor(ProcessorMixin):
                 audio, audio_kwargs.pop("sampling_rate", None), bool(merged_kwargs["resample_audio"])
             )
         self.validate_inputs(images=images, text=text, audio=audio)
-        media_truncation = merged_kwargs["media_truncation"]
-        if media_truncation not in _MEDIA_TRUNCATION_CHOICES:
-            raise ValueError(f"media_truncation ({media_truncation!r}) must be one of {_MEDIA_TRUNCATION_CHOICES}")
+        check_media_truncation(merged_kwargs["media_truncation"])
 
         text_kwargs = merged_kwargs["text_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None)
-        layout_kwargs = {
-            key: text_kwargs.pop(key, None)
-            for key in ("padding", "truncation", "max_length", "padding_side", "pad_to_multiple_of")
-        }
+        layout_kwargs = {key: text_kwargs.pop(key, None) for key in _LAYOUT_KWARGS}
         return_text_replacement_offsets = text_kwargs.pop(
             "return_text_replacement_offsets", merged_kwargs["return_text_replacement_offsets"]
         )
@@ -281,7 +240,20 @@ class DeepseekV3MultimodalProcessor(ProcessorMixin):
         rows = {
             key: list(encoding[key]) for key in ("input_ids", "attention_mask", "offset_mapping") if key in encoding
         }
-        rows, media = self._lay_out(rows, media, media_truncation, return_tensors=return_tensors, **layout_kwargs)
+        rows, media = lay_out_rows(
+            rows,
+            media,
+            self.image_token_id,
+            self.audio_token_id,
+            self.num_image_tokens,
+            self.audio_conv_stride,
+            self.tokenizer.pad_token_id,
+            layout_kwargs.pop("padding_side") or self.tokenizer.padding_side,
+            self.tokenizer.truncation_side,
+            merged_kwargs["media_truncation"],
+            return_tensors=return_tensors,
+            **layout_kwargs,
+        )
         if return_text_replacement_offsets:
             rows["text_replacement_offsets"] = text_replacement_offsets
         return BatchFeature(
@@ -301,13 +273,7 @@ class DeepseekV3MultimodalProcessor(ProcessorMixin):
         Returns:
             `torch.Tensor`: `(batch, seq_len)` long labels.
         """
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
-        assistant_masks = torch.as_tensor(assistant_masks)
-        if input_ids.shape != assistant_masks.shape:
-            raise ValueError(
-                f"input_ids {tuple(input_ids.shape)} and assistant_masks {tuple(assistant_masks.shape)} must match"
-            )
-        return input_ids.masked_fill(assistant_masks == 0, -100)
+        return assistant_labels(input_ids, assistant_masks)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Pipeline hooks
@@ -325,18 +291,7 @@ class DeepseekV3MultimodalProcessor(ProcessorMixin):
 
     def _process_audio(self, audio: list[np.ndarray], **kwargs):
         """Log-mel features of every clip, padded to the longest, with the frame mask the model reads."""
-        features = self.feature_extractor(
-            audio,
-            sampling_rate=self.feature_extractor.sampling_rate,
-            padding="longest",
-            truncation=False,
-            return_attention_mask=True,
-            return_tensors="np",
-        )
-        processed_audio = {
-            "input_features": features["input_features"].astype(np.float32),
-            "input_features_mask": features["attention_mask"].astype(np.int64),
-        }
+        processed_audio = extract_audio_features(self.feature_extractor, audio)
         replacements = [self.replace_audio_token(processed_audio, audio_idx=idx) for idx in range(len(audio))]
         return processed_audio, replacements
 
@@ -351,43 +306,3 @@ class DeepseekV3MultimodalProcessor(ProcessorMixin):
             sampling_rate=sampling_rate,
             resample_audio=resample_audio,
         )
-
-    def _lay_out(
-        self,
-        rows: dict,
-        media: dict,
-        media_truncation: str,
-        return_tensors=None,
-        padding=None,
-        truncation=None,
-        max_length=None,
-        padding_side=None,
-        pad_to_multiple_of=None,
-    ) -> tuple[dict, dict]:
-        """Truncate without cutting a media span, add `mm_token_type_ids`, pad; return the rows and the kept media."""
-        if truncation not in (None, False, "do_not_truncate") and max_length is not None:
-            if truncation not in (True, "longest_first", "only_first"):
-                raise ValueError(f"truncation ({truncation!r}) must be True, False, 'longest_first' or 'only_first'")
-            clip_tokens = [
-                int(frames) // self.audio_conv_stride
-                for frames in media.get("input_features_mask", np.zeros((0, 1))).sum(-1)
-            ]
-            spans = media_spans(
-                rows["input_ids"], self.image_token_id, self.audio_token_id, self.num_image_tokens, clip_tokens
-            )
-            rows, media = truncate_rows(
-                rows, media, spans, max_length, self.tokenizer.truncation_side, media_truncation
-            )
-        rows["mm_token_type_ids"] = [
-            modality_ids(input_ids, self.image_token_id, self.audio_token_id) for input_ids in rows["input_ids"]
-        ]
-        rows = pad_rows(
-            rows,
-            self.tokenizer.pad_token_id,
-            padding_side or self.tokenizer.padding_side,
-            padding=padding,
-            max_length=max_length,
-            pad_to_multiple_of=pad_to_multiple_of,
-            return_tensors=return_tensors,
-        )
-        return rows, media
