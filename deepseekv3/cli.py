@@ -4,10 +4,11 @@ deepseekv3 convert SRC DST [--base-model HUB_ID]
 deepseekv3 demo [--output ./outputs/demo] [--quick]
 deepseekv3 train --stage {contrastive,distill,instruct,lora,grpo,dpo} --output_dir DIR [any TrainingArguments option]
 deepseekv3 train --stages contrastive,distill,instruct,grpo --output_dir DIR [--stage_steps contrastive=200,...] [...]
-deepseekv3 serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--lite-model DIR] [--max-batch-size 16] ...
+deepseekv3 serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--device cuda] [--dtype auto] [--api-key KEY] ...
 """
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -54,25 +55,47 @@ def _train(argv: Sequence[str]) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     from .serving.engine import EngineConfig
-    from .serving.launch import build_server
+    from .serving.launch import build_server, resolve_device, resolve_dtype
     from .serving.server import ServerConfig
 
-    server_config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        model_name=args.model_name or Path(args.model_dir).name,
-        max_request_bytes=args.max_request_bytes,
-        max_tokens=args.max_tokens,
-        request_timeout_s=args.request_timeout,
-    )
     try:
+        server_config = ServerConfig(
+            host=args.host,
+            port=args.port,
+            model_name=args.model_name or Path(args.model_dir).name,
+            max_request_bytes=args.max_request_bytes,
+            max_tokens=args.max_tokens,
+            default_max_tokens=args.default_max_tokens,
+            request_timeout_s=args.request_timeout,
+            drain_timeout_s=args.drain_timeout,
+            api_key=args.api_key or os.environ.get("DEEPSEEKV3_API_KEY") or None,
+            socket_timeout_s=args.socket_timeout,
+            max_connections=args.max_connections,
+            max_images_per_request=args.max_images_per_request,
+            max_clips_per_request=args.max_clips_per_request,
+            max_image_pixels=args.max_image_pixels,
+            image_formats=tuple(name for name in args.image_formats.split(",") if name),
+        )
         engine_config = EngineConfig(
             max_batch_size=args.max_batch_size,
             max_batch_tokens=args.max_batch_tokens,
             max_queue_size=args.max_queue_size,
+            prefix_cache_bytes=args.prefix_cache_bytes,
+            log_size=args.log_size,
+            log_prompt_tokens=args.log_prompt_tokens,
+            max_consecutive_faults=args.max_consecutive_faults,
         )
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
         server = build_server(
-            args.model_dir, server_config, engine_config, args.lite_model, args.engine_state, args.warm_up_system
+            args.model_dir,
+            server_config,
+            engine_config,
+            args.lite_model,
+            args.engine_state,
+            args.warm_up_system,
+            device=device,
+            dtype=dtype,
         )
     except (OSError, ValueError) as error:
         raise SystemExit(f"deepseekv3 serve: error: {error}") from error
@@ -80,7 +103,8 @@ def _serve(args: argparse.Namespace) -> None:
     # process with SIGINT ignored (a background job of a non-interactive shell)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    print(f"serving {server_config.model_name} on {server.url} (POST /v1/chat/completions, GET /health)", flush=True)
+    routes, dtype_name = "POST /v1/chat/completions, GET /health", str(dtype).removeprefix("torch.")
+    print(f"serving {server_config.model_name} on {server.url} ({routes}; {device}, {dtype_name})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -122,12 +146,86 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
     serve.add_argument("--model-name", default=None, help="the name clients use (default: the directory's name)")
     serve.add_argument("--lite-model", default=None, help="a lite model directory: route short text prompts to it")
+    serve.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda when available, else cpu)"
+    )
+    serve.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the weights' dtype; auto is bfloat16 on CUDA, float32 elsewhere (default: %(default)s)",
+    )
     serve.add_argument("--max-batch-size", type=int, default=16, help="(default: %(default)s)")
     serve.add_argument("--max-batch-tokens", type=int, default=4096, help="(default: %(default)s)")
     serve.add_argument("--max-queue-size", type=int, default=256, help="(default: %(default)s)")
+    serve.add_argument("--prefix-cache-bytes", type=int, default=64 * 2**20, help="(default: %(default)s)")
+    serve.add_argument(
+        "--log-size", type=int, default=10_000, help="requests kept in the length log (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--log-prompt-tokens",
+        type=int,
+        default=0,
+        help="last prompt tokens each length-log record keeps, in memory only; 0 keeps lengths only "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-consecutive-faults",
+        type=int,
+        default=3,
+        help="failed engine steps in a row after which /health answers 503 (default: %(default)s)",
+    )
     serve.add_argument("--max-request-bytes", type=int, default=16 * 2**20, help="(default: %(default)s)")
     serve.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens (default: %(default)s)")
+    serve.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=64,
+        help="max_tokens of a request that names none (default: %(default)s)",
+    )
     serve.add_argument("--request-timeout", type=float, default=120.0, help="seconds (default: %(default)s)")
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="on stop, seconds accepted requests have to finish while new ones get 503 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but GET /health (default: the environment "
+        "variable DEEPSEEKV3_API_KEY, which keeps the key out of the process list; none: no authentication)",
+    )
+    serve.add_argument(
+        "--socket-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a connection has to send a whole request (head and body), and the bound on each write; "
+        "slow or idle connections are closed past it (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="connections served at once; further ones get 503 and are closed (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-images-per-request", type=int, default=8, help="images one request may carry (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--max-clips-per-request", type=int, default=8, help="audio clips one request may carry (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=4096 * 4096,
+        help="largest width x height of an image, read from its header before decoding (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--image-formats",
+        default="PNG,JPEG,WEBP,GIF,BMP",
+        help="comma-separated Pillow image formats accepted (default: %(default)s)",
+    )
     serve.add_argument("--engine-state", default=None, help="directory written by Engine.save_state")
     serve.add_argument(
         "--warm-up-system", action="append", default=[], help="a system prompt to prefill ahead (repeatable)"

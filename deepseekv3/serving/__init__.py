@@ -1,5 +1,5 @@
-"""Serving: a continuous-batching engine with an output-length predictor, a self-tuning scheduler, a prefix cache
-and model routing, behind an OpenAI-compatible HTTP server (`deepseekv3 serve MODEL_DIR`)."""
+"""Serving: a continuous-batching engine with per-request sampling, an output-length predictor, a self-tuning
+scheduler, a prefix cache and model routing, behind an OpenAI-compatible HTTP server (`deepseekv3 serve MODEL_DIR`)."""
 
 from .engine import (
     Engine,
@@ -15,6 +15,7 @@ from .engine import (
 )
 from .length_predictor import LengthPredictor, LengthPredictorConfig, LengthRecord
 from .prefix_cache import PrefixCache, PrefixEntry
+from .sampling import SamplingParams
 from .scheduler import SchedulerSetting, SelfTuningScheduler, UCBBandit
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "RequestHandle",
     "RequestTimeoutError",
     "RequestTooLargeError",
+    "SamplingParams",
     "SchedulerSetting",
     "SelfTuningScheduler",
     "UCBBandit",

@@ -1,4 +1,5 @@
-"""Continuous-batching inference engine for `DeepseekV3MultimodalForConditionalGeneration` (greedy decoding).
+"""Continuous-batching inference engine for `DeepseekV3MultimodalForConditionalGeneration` (greedy or sampled
+decoding, chosen per request).
 
 Requests (token ids, with images and audio as the processor returns them) enter a bounded queue and come back as
 futures and token streams (`RequestHandle`). At every decoding step the engine drops cancelled and timed-out
@@ -14,7 +15,10 @@ cache has no `get_seq_length` (the model's forward fails with `AttributeError: '
 attribute 'get_seq_length'`), and it stores per-head keys and values of one shape, where MLA caches a single
 latent (`kv_lora_rank`) and a rotated key (`qk_rope_head_dim`) of different widths. The engine therefore drives the
 model's own forward with a `DynamicCache` per batch. Greedy outputs equal `model.generate(do_sample=False)` request
-by request (the placeholder tokens in the generation config's `suppress_tokens` are suppressed the same way).
+by request (the placeholder tokens in the generation config's `suppress_tokens` are suppressed the same way). A request
+with `SamplingParams` has its own logits processors applied to its own logits row and draws from its own generator
+(`TokenSampler`), so the rows of one batch may sample differently, and a seeded request draws the same tokens alone or
+in any batch.
 
 Every request ends, in its result or a clear error. `submit` refuses malformed requests with `ValueError` (token ids
 outside the vocabulary, placeholders without their media, media of the wrong shape). A prefill that fails is retried
@@ -45,6 +49,7 @@ from ..embeddings_deepseekv3 import audio_tokens_per_clip
 from .latent_batch import LatentBatch, cache_from_layers, cache_layers
 from .length_predictor import LengthPredictor, LengthRecord
 from .prefix_cache import PrefixCache, PrefixEntry, media_digest
+from .sampling import SamplingParams, TokenSampler
 from .scheduler import SchedulerSetting, SelfTuningScheduler
 
 __all__ = [
@@ -276,6 +281,7 @@ class _Request:
     max_new_tokens: int
     arrival: float
     deadline: float | None
+    sampler: TokenSampler | None = None  # None: plain greedy (the batch's argmax)
     predicted_total: float = 0.0
     generated: list[int] = field(default_factory=list)
     admitted: float = 0.0
@@ -291,7 +297,7 @@ class _Request:
 
 
 class Engine:
-    """Continuous-batching greedy generation on one model (see the module docstring).
+    """Continuous-batching generation on one model, greedy or sampled per request (see the module docstring).
 
     Args:
         model (`PreTrainedModel`): a `DeepseekV3MultimodalForConditionalGeneration` (any device, any dtype).
@@ -389,6 +395,8 @@ class Engine:
         inputs: Mapping[str, torch.Tensor] | Sequence[int],
         max_new_tokens: int | None = None,
         timeout_s: float | None = None,
+        *,
+        sampling: SamplingParams | None = None,
     ) -> RequestHandle:
         """Queues one request.
 
@@ -399,6 +407,8 @@ class Engine:
             max_new_tokens (`int`, *optional*): defaults to the config's `default_max_new_tokens`.
             timeout_s (`float`, *optional*): seconds from now after which the request fails with
                 `RequestTimeoutError` (tokens already streamed stay streamed).
+            sampling (`SamplingParams`, *optional*): how the request chooses its tokens; defaults to greedy decoding.
+                A seeded request's generator is seeded here, once.
 
         Returns:
             `RequestHandle`
@@ -416,6 +426,9 @@ class Engine:
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s ({timeout_s}) must be positive")
         self._check_fits(len(input_ids), max_new_tokens)
+        sampler = None
+        if sampling is not None and not sampling.is_plain_greedy:
+            sampler = TokenSampler(sampling, self.model.device)
         now = time.monotonic()
         with self._lock:
             if self._loop_error is not None:
@@ -429,7 +442,7 @@ class Engine:
             handle = RequestHandle(self._next_id)
             self._next_id += 1
             deadline = None if timeout_s is None else now + timeout_s
-            self._incoming.append(_Request(handle, input_ids, media, max_new_tokens, now, deadline))
+            self._incoming.append(_Request(handle, input_ids, media, max_new_tokens, now, deadline, sampler))
             self._num_pending += 1
             self._wake.notify()
         return handle
@@ -439,9 +452,11 @@ class Engine:
         inputs: Mapping[str, torch.Tensor] | Sequence[int],
         max_new_tokens: int | None = None,
         timeout_s: float | None = None,
+        *,
+        sampling: SamplingParams | None = None,
     ) -> GenerationResult:
         """`submit` and await the result (the engine must be started)."""
-        return await self.submit(inputs, max_new_tokens, timeout_s).aresult()
+        return await self.submit(inputs, max_new_tokens, timeout_s, sampling=sampling).aresult()
 
     def parse_inputs(
         self, inputs: Mapping[str, torch.Tensor] | Sequence[int]
@@ -734,10 +749,16 @@ class Engine:
 
     # ---- forward passes ---------------------------------------------------------------------------------------
 
-    def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
+    def _next_tokens(self, logits: torch.Tensor, requests: Sequence[_Request]) -> torch.Tensor:
+        """The next token of each row of `logits` `(len(requests), vocab_size)`: the argmax for plain greedy rows (in
+        one call, as `generate`), each other row by its request's own sampler."""
         if self._suppress is not None:
             logits = self._suppress(None, logits)
-        return logits.argmax(dim=-1)
+        tokens = logits.argmax(dim=-1)
+        for row, request in enumerate(requests):
+            if request.sampler is not None:
+                tokens[row] = request.sampler(request.generated, logits[row])
+        return tokens
 
     @torch.no_grad()
     def _prefill(self, requests: list[_Request]) -> int:
@@ -767,7 +788,7 @@ class Engine:
         tokens = 0
         for group, cache, attention_mask, logits in prefilled:
             self.stats["prefill_calls"] += 1
-            tokens += self._emit(group, self._greedy(logits), cache, attention_mask)
+            tokens += self._emit(group, self._next_tokens(logits, group), cache, attention_mask)
         return tokens
 
     def _fail_prefill(self, request: _Request, error: Exception) -> None:
@@ -825,8 +846,8 @@ class Engine:
         self.stats["peak_cache_positions"] = max(
             self.stats["peak_cache_positions"], len(self._batch) * self._batch.kv_length
         )
-        tokens = self._greedy(logits)
         requests = [self._active[rid] for rid in self._batch.request_ids]
+        tokens = self._next_tokens(logits, requests)
         kept = []
         for row, (request, token) in enumerate(zip(requests, tokens.tolist())):
             if self._append(request, token):

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from .engine import Engine, EngineConfig, EngineHealth, EngineStoppedError, RequestHandle
+from .sampling import SamplingParams
 
 __all__ = ["ComplexityClassifier", "Router", "RoutingDecision", "RoutingPolicy"]
 
@@ -185,12 +186,14 @@ class Router:
         inputs: Mapping[str, torch.Tensor] | Sequence[int],
         max_new_tokens: int | None = None,
         timeout_s: float | None = None,
+        *,
+        sampling: SamplingParams | None = None,
     ) -> RequestHandle:
         """Routes and submits one request (see `Engine.submit`)."""
         if self._is_stopping:
             raise EngineStoppedError("the engines are stopping")
         decision = self.route(inputs)
-        return self.engines[decision.model].submit(inputs, max_new_tokens, timeout_s)
+        return self.engines[decision.model].submit(inputs, max_new_tokens, timeout_s, sampling=sampling)
 
     def start(self) -> "Router":
         self._is_stopping = False
