@@ -151,12 +151,19 @@ def main(argv=None) -> dict:
         default="",
         help="A's steps per stage instead of the demo's, e.g. distill=1800,instruct=600 (variants keep its total)",
     )
+    parser.add_argument("--num_images", type=int, default=DemoSettings.num_images, help="images over all splits")
+    parser.add_argument("--num_clips", type=int, default=DemoSettings.num_clips, help="audio clips over all splits")
     parser.add_argument("--output", type=Path, default=RESULTS_PATH)
     args = parser.parse_args(argv)
     stage_steps = DemoSettings().stage_steps | _split_steps(args.stage_steps, ("contrastive", "distill", "instruct"))
     settings = asdict(
         DemoSettings(
-            eval_per_type=None, baseline=False, initializer_range=args.initializer_range, stage_steps=stage_steps
+            eval_per_type=None,
+            baseline=False,
+            initializer_range=args.initializer_range,
+            stage_steps=stage_steps,
+            num_images=args.num_images,
+            num_clips=args.num_clips,
         )
     )
     started = time.perf_counter()
