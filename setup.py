@@ -9,6 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["deepseekv3", "deepseekv3.*"]),
+    package_data={"deepseekv3.serving": ["static/*.html"]},  # the chat page `deepseekv3 serve` answers on GET /
     # transformers 5.24 (pinned below), numpy 2.4 and trl 1.16 (GRPO, DPO) need Python 3.11 or newer
     python_requires=">=3.11",
     install_requires=[
@@ -40,6 +41,7 @@ setup(
             "ruff",
             "olah",
             "openai>=3.0",
+            "playwright>=1.65",  # drives Debian's chromium (apt-get install chromium) in the chat page's tests
         ],
     },
     entry_points={"console_scripts": ["deepseekv3=deepseekv3.cli:main"]},

@@ -39,6 +39,7 @@ def _demo(args: argparse.Namespace) -> None:
             f"reply: {example['generated']!r}"
         )
     print(f"finished in {report['seconds']:.0f} s; report, plots and the Hub-ready model in {args.output}")
+    print(f"chat with it: deepseekv3 serve {Path(args.output) / 'model'}, then open http://127.0.0.1:8000")
 
 
 def _train(argv: Sequence[str]) -> None:

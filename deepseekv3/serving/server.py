@@ -11,16 +11,17 @@ greedy) and up to 4 `stop` strings, applied to the decoded text: the request is 
 ends before it, and a stream holds back text that may still turn out to begin one.
 
 No client waits forever: a handler waits for its request in short slices, at most `request_timeout_s` (then 504),
-and cancels the request as soon as its client has closed the connection, streaming or not. An engine fault answers
-500, a stopping server 503, and `/health` answers 503 with the reason while the engine is unhealthy or stopping.
+and cancels the request as soon as its client has closed the connection, streaming or not; a client that leaves as
+its answer is written only has its connection closed (no error is logged). An engine fault answers 500, a stopping
+server 503, and `/health` answers 503 with the reason while the engine is unhealthy or stopping.
 A 5xx body gives a generic message and the request's id; the exception and its traceback go to the server log.
 
-Deployment guards (`ServerConfig`): with an `api_key`, every route but `GET /health` needs `Authorization: Bearer
-<key>` (401 otherwise). A connection must deliver each request's head and body within `socket_timeout_s` (a total
-deadline, so a client trickling a byte a second cannot hold a thread), and at most `max_connections` are served at
-once: the next ones get 503 and are closed. Media are checked before they are decoded: at most
-`max_images_per_request` images and `max_clips_per_request` audio clips, images in `image_formats` and of at most
-`max_image_pixels` pixels, read from the header (400 otherwise).
+Deployment guards (`ServerConfig`): with an `api_key`, every route but `GET /` (the chat page, which holds no data)
+and `GET /health` needs `Authorization: Bearer <key>` (401 otherwise). A connection must deliver each request's head
+and body within `socket_timeout_s` (a total deadline, so a client trickling a byte a second cannot hold a thread),
+and at most `max_connections` are served at once: the next ones get 503 and are closed. Media are checked before
+they are decoded: at most `max_images_per_request` images and `max_clips_per_request` audio clips, images in
+`image_formats` and of at most `max_image_pixels` pixels, read from the header (400 otherwise).
 """
 
 import base64
@@ -37,6 +38,7 @@ import wave
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,6 +68,16 @@ _SETTLE_GRACE_S = 1.0  # the engine expires a request at its next step: the hand
 _REFUSE_READ_S = 1.0  # a connection past max_connections gets this long to send its request head before its 503
 _LINGER_S = 1.0  # after a refusal, how long the rest of the request is read and dropped, so the answer is not reset
 _DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+_CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"  # `GET /`: the chat page, self-contained, no data
+_CHAT_PAGE_HEADERS = {  # the page may talk to this server only, and run only its own inline script and style
+    "Content-Type": "text/html; charset=utf-8",
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src data: blob:; media-src data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 _request_context = threading.local()  # the id of the request its handler thread is serving (for 5xx bodies, logs)
 
 
@@ -104,7 +116,7 @@ class ServerConfig:
             wait of the HTTP handler (504 past it).
         drain_timeout_s (`float`, defaults to 10): on `stop`, seconds the requests already accepted have to finish
             (new ones get 503 meanwhile) before they fail.
-        api_key (`str`, *optional*): when set, every route except `GET /health` requires the header
+        api_key (`str`, *optional*): when set, every route except `GET /` and `GET /health` requires the header
             `Authorization: Bearer <api_key>` (compared in constant time); others get 401 (`invalid_api_key`). Left
             out of the config's `repr`.
         socket_timeout_s (`float`, defaults to 30): the time a connection has to deliver a request's head and body
@@ -490,6 +502,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.set_idle(self.connection, True)
         try:
             super().handle_one_request()
+        except ConnectionError:
+            # the client left (a reset, a broken pipe) while its request was read or its answer written, after the
+            # last look at its connection: its request has ended, so only the connection is left to close
+            self.close_connection = True
         finally:
             self.server.set_idle(self.connection, False)
 
@@ -514,10 +530,10 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _is_authorized(self) -> bool:
-        """Whether the request may proceed: no `api_key` is set, it asks for `GET /health`, or it carries the key
-        as `Authorization: Bearer <key>` (compared in constant time)."""
+        """Whether the request may proceed: no `api_key` is set, it asks for `GET /health` or the chat page `GET /`
+        (which holds no data), or it carries the key as `Authorization: Bearer <key>` (compared in constant time)."""
         api_key = self.app.config.api_key
-        if api_key is None or (self.command == "GET" and self.path == "/health"):
+        if api_key is None or (self.command == "GET" and self.path in ("/", "/health")):
             return True
         scheme, _, token = (self.headers.get("Authorization") or "").strip().partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
@@ -538,7 +554,14 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def do_GET(self) -> None:
-        if self.path == "/health":
+        if self.path == "/":
+            page = _CHAT_PAGE.read_bytes()
+            self.send_response(HTTPStatus.OK)
+            for name, value in {**_CHAT_PAGE_HEADERS, "Content-Length": str(len(page))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(page)
+        elif self.path == "/health":
             self._send_health()
         elif self.path == "/v1/models":
             model = {"id": self.app.config.model_name, "object": "model", "owned_by": "deepseekv3"}
@@ -791,11 +814,15 @@ class _OverCapacityHandler(_Handler):
 class _HTTPServer(ThreadingHTTPServer):
     """`ThreadingHTTPServer` (a daemon thread per connection) serving at most `max_connections` connections at once.
     Up to `max_connections` more are answered 503 by an `_OverCapacityHandler`; past those, a new connection is
-    closed unanswered, so a flood of connections neither queues forever nor starts unbounded threads."""
+    closed unanswered, so a flood of connections neither queues forever nor starts unbounded threads. Connections
+    wait to be accepted in a listen queue of `2 * max_connections` (the kernel caps it at `net.core.somaxconn`)."""
 
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], max_connections: int):
+        # socketserver listens with a queue of 5: on a loaded machine, where the accepting thread waits for the GIL,
+        # a burst of clients overflows it, and the kernel drops their SYNs (retried after 1, 3, 7 s) or resets them
+        self.request_queue_size = 2 * max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
         self._refusal_slots = threading.BoundedSemaphore(max_connections)
         self._admissions: dict[socket.socket, tuple[type[_Handler], threading.BoundedSemaphore]] = {}
