@@ -188,6 +188,18 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def source_info() -> dict:
+    """The commit measured, and whether the package had uncommitted changes (read-only git queries)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*command: str) -> str | None:
+        done = subprocess.run(["git", *command], cwd=root, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--", "deepseekv3")
+    return {"git_commit": git("rev-parse", "HEAD"), "package_modified": None if status is None else bool(status)}
+
+
 def benchmark_record(script: str, device: str) -> dict:
     """The head of a results JSON: the benchmark's name, the command that ran it and the machine."""
     name = Path(script).stem

@@ -66,6 +66,7 @@ from _harness import (
     kept_rounds,
     machine_info,
     memory_baseline,
+    source_info,
     synchronize,
     time_variants,
     two_step_memory,
@@ -374,18 +375,6 @@ def print_table(summary: dict, args: argparse.Namespace) -> None:
     for name, target in TARGETS.items():
         ratio = summary[name]["time_ratio"]
         print(f"{name} time ratio {ratio:.3f} (target <= {target}): {'met' if ratio <= target else 'MISSED'}")
-
-
-def source_info() -> dict:
-    """The commit measured, and whether the package had uncommitted changes (read-only git queries)."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*command: str) -> str | None:
-        done = subprocess.run(["git", *command], cwd=root, capture_output=True, text=True, check=False)
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--", "deepseekv3")
-    return {"git_commit": git("rev-parse", "HEAD"), "package_modified": None if status is None else bool(status)}
 
 
 def main() -> None:

@@ -4,7 +4,9 @@
 rotary embedding, `expand_kv` and attention backends) for what upstream's forward cannot express: the gate reads the
 cached latent before the queries are projected, so that heads whose gate is closed can be left out of every matmul
 at inference (`attention_gate_skip_threshold`), and image tokens carry their patch position in their values
-(`use_image_position_values`). The gate's running mean needs no state beyond the MLA latent cache.
+(`use_image_position_values`). In cached decoding the gate's running mean comes from a fixed-size state kept in the
+cache layer beside the latent (`DeepseekV3MultimodalGateStateMixin`): the running sum and count of each row, so a
+decoding step costs the same at any context length.
 
 This file is part of the hub-portable core: it imports only torch, transformers and `.configuration_deepseekv3`.
 """
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3Attention,
@@ -24,77 +26,77 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     eager_attention_forward,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs
+from transformers.utils import TransformersKwargs, is_torchdynamo_compiling
 
 from .configuration_deepseekv3 import DeepseekV3MultimodalConfig
 
 __all__ = [
     "DeepseekV3MultimodalAttention",
+    "DeepseekV3MultimodalDynamicLayer",
     "DeepseekV3MultimodalGateOutput",
+    "DeepseekV3MultimodalGateStateMixin",
     "DeepseekV3MultimodalHeadGate",
-    "causal_running_mean",
+    "DeepseekV3MultimodalStaticLayer",
+    "attach_gate_state",
+    "causal_running_sums",
     "gate_inputs",
     "is_prepared_mask",
     "open_media_spans",
     "padding_mask",
-    "visible_mean",
+    "visible_sums",
 ]
 
 
-def causal_running_mean(
-    values: torch.Tensor,
-    padding_mask: torch.Tensor | None,
-    num_queries: int,
-    segment_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mean of `values` over positions `<= t` of the same sequence, for the last `num_queries` positions.
+def causal_running_sums(
+    values: torch.Tensor, padding_mask: torch.Tensor | None, segment_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and count of `values` over the real positions `<= t` of the same sequence, at every position `t`.
 
     Args:
-        values (`torch.Tensor` of shape `(batch, kv_len, dim)`): per-position vectors (cached past first).
-        padding_mask (`torch.Tensor` of shape `(batch, kv_len)`, *optional*): 1 for real tokens, 0 for padding;
+        values (`torch.Tensor` of shape `(batch, seq_len, dim)`): per-position vectors.
+        padding_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): 1 for real tokens, 0 for padding;
             padding positions count for nothing. `None` means every position is real.
-        num_queries (`int`): how many trailing positions to return.
-        segment_ids (`torch.Tensor` of shape `(batch, kv_len)`, *optional*): for packed rows, the sequence each
-            position belongs to (non-decreasing); the mean restarts at every new sequence.
+        segment_ids (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): for packed rows, the sequence each
+            position belongs to (non-decreasing); the sums restart at every new sequence.
 
     Returns:
-        `torch.Tensor` of shape `(batch, num_queries, dim)`, in fp32.
+        `tuple(torch.Tensor, torch.Tensor)`: the sums `(batch, seq_len, dim)` and counts `(batch, seq_len, 1)`, in
+        fp32.
     """
     values = values.float()
     if padding_mask is None:
         padding_mask = values.new_ones(values.shape[:2])
-    weights = padding_mask.to(values.dtype).unsqueeze(-1)  # (batch, kv_len, 1)
+    weights = padding_mask.to(values.dtype).unsqueeze(-1)  # (batch, seq_len, 1)
     weighted = torch.cat([values * weights, weights], dim=-1)  # sums and counts side by side
     running = torch.cumsum(weighted, dim=1)
     if segment_ids is not None:
         # subtract what the earlier sequences of the row had summed by the start of this one
         positions = torch.arange(segment_ids.shape[1], device=segment_ids.device)
         is_start = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0), value=True)
-        start_index = torch.cummax(torch.where(is_start, positions, 0), dim=1).values  # (batch, kv_len)
+        start_index = torch.cummax(torch.where(is_start, positions, 0), dim=1).values  # (batch, seq_len)
         before_start = (running - weighted).gather(1, start_index.unsqueeze(-1).expand_as(running))
         running = running - before_start
-    running = running[:, -num_queries:]
-    running_sum, running_count = running[..., :-1], running[..., -1:]
-    return running_sum / running_count.clamp(min=1.0)
+    return running[..., :-1], running[..., -1:]
 
 
-def visible_mean(values: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over the positions each query sees: the gate's summary under a prepared 4-D attention mask.
+def visible_sums(values: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and count of `values` over the positions each query sees: the gate's summary under a prepared 4-D mask.
 
-    Where the mask is causal within each sequence (padding, packing), this is `causal_running_mean`; a mask of
-    another shape (a shared prefix, a tree of continuations) gives each query the mean of exactly what it attends to.
+    Where the mask is causal within each sequence (padding, packing), this is `causal_running_sums`; a mask of
+    another shape (a shared prefix, a tree of continuations) gives each query the sum of exactly what it attends to.
 
     Args:
-        values (`torch.Tensor` of shape `(batch, kv_len, dim)`): per-position vectors (cached past first).
+        values (`torch.Tensor` of shape `(batch, kv_len, dim)`): per-position vectors.
         key_mask (`torch.Tensor` of shape `(batch, num_queries, mask_kv_len)`, bool): True where a query sees a key;
             the batch may be 1 (shared by every row), and keys past `kv_len` are ignored, as the attention functions
             ignore them (a static cache's free slots).
 
     Returns:
-        `torch.Tensor` of shape `(batch, num_queries, dim)`, in fp32.
+        `tuple(torch.Tensor, torch.Tensor)`: the sums `(batch, num_queries, dim)` and counts
+        `(batch, num_queries, 1)`, in fp32.
     """
     weights = key_mask[..., : values.shape[1]].float()
-    return torch.matmul(weights, values.float()) / weights.sum(dim=-1, keepdim=True).clamp(min=1.0)
+    return torch.matmul(weights, values.float()), weights.sum(dim=-1, keepdim=True)
 
 
 class DeepseekV3MultimodalGateOutput(nn.Linear):
@@ -108,9 +110,10 @@ class DeepseekV3MultimodalGateOutput(nn.Linear):
 class DeepseekV3MultimodalHeadGate(nn.Module):
     """Dynamic per-head attention gate: `sigmoid(W2 silu(W1 mean_{s<=t} c_s))`, one value per head.
 
-    `c_s` is the normalized compressed KV latent of position `s` (`kv_a_layernorm` output), which MLA caches anyway:
-    the running mean needs no state beyond the cache, so decoding step by step equals the full forward, and every
-    cache operation (crop, reorder, batch select) stays exact.
+    `c_s` is the normalized compressed KV latent of position `s` (`kv_a_layernorm` output), which MLA caches anyway.
+    In cached decoding the mean over the cached positions comes from their sum and count (`past_sum`, `past_count`),
+    which the cache layer keeps (`DeepseekV3MultimodalGateStateMixin`): a step reads a fixed-size state, not the
+    cached latent, and decoding step by step equals the full forward.
     """
 
     def __init__(self, config: DeepseekV3MultimodalConfig):
@@ -126,19 +129,228 @@ class DeepseekV3MultimodalHeadGate(nn.Module):
         num_queries: int,
         segment_ids: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
+        past_sum: torch.Tensor | None = None,
+        past_count: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Args: latent `(batch, kv_len, kv_lora_rank)`; padding_mask and segment_ids `(batch, kv_len)` or None
-        (see `causal_running_mean`); key_mask `(batch, num_queries, kv_len)` bool or None: with a prepared 4-D
-        attention mask, the keys each query sees, which then replace the causal running mean (see `visible_mean`).
-        Returns: gate values `(batch, num_queries, num_heads)` in fp32."""
+        """Gate values of the last `num_queries` positions of `latent`.
+
+        Args:
+            latent (`torch.Tensor` of shape `(batch, kv_len, kv_lora_rank)`): the positions the mean runs over (after
+                `past_sum`'s, if given).
+            padding_mask, segment_ids (`torch.Tensor` of shape `(batch, kv_len)`, *optional*): see
+                `causal_running_sums`.
+            num_queries (`int`): how many trailing positions to gate.
+            key_mask (`torch.Tensor` of shape `(batch, num_queries, kv_len)`, bool, *optional*): with a prepared 4-D
+                attention mask, the keys each query sees, which then replace the causal running mean (see
+                `visible_sums`).
+            past_sum (`torch.Tensor` of shape `(batch, kv_lora_rank)`, *optional*), past_count (`torch.Tensor` of
+                shape `(batch, 1)`, *optional*): fp32 sum and count of the latent of the real positions before
+                `latent`'s first (a cache's), added to every query's.
+
+        Returns:
+            `torch.Tensor` of shape `(batch, num_queries, num_heads)` in fp32.
+        """
         # fp32 throughout, autocast or not: the gate decides which heads are skipped
         with torch.autocast(device_type=latent.device.type, enabled=False):
             if key_mask is None:
-                summary = causal_running_mean(latent, padding_mask, num_queries, segment_ids)
+                running_sum, running_count = causal_running_sums(latent, padding_mask, segment_ids)
+                running_sum, running_count = running_sum[:, -num_queries:], running_count[:, -num_queries:]
             else:
-                summary = visible_mean(latent, key_mask)
-            summary = summary.to(self.down_proj.weight.dtype)
+                running_sum, running_count = visible_sums(latent, key_mask)
+            if past_sum is not None:
+                running_sum, running_count = running_sum + past_sum[:, None], running_count + past_count[:, None]
+            summary = (running_sum / running_count.clamp(min=1.0)).to(self.down_proj.weight.dtype)
             return torch.sigmoid(self.up_proj(self.act_fn(self.down_proj(summary))).float())
+
+
+# ---- the gate's running state in the cache ----
+
+
+class DeepseekV3MultimodalGateStateMixin:
+    """The head gate's running state in a transformers cache layer, beside the latent the layer caches: per row, the
+    fp32 sum `gate_sum` `(batch, kv_lora_rank)` and count `gate_count` `(batch, 1)` of the latent of the real (not
+    padding) positions the layer holds. Fixed-size whatever the context length, so a decoding step reads and updates
+    it at a constant cost.
+
+    The layer subclasses apply the batch operations to it as to the keys: `reorder_cache` (beam search),
+    `batch_select_indices`, `batch_repeat_interleave`. `crop` and `reset` drop it (`has_gate_state` False): the sum
+    at an earlier length is not kept, and the next forward recomputes it once from the cached latent and that
+    forward's attention mask, which covers the cached positions (a crop is rare: assisted decoding's rejected
+    tokens). The state stays on the device when an offloaded cache moves its keys to the CPU (a few KB per layer).
+
+    A second base, after transformers' layer class: a plain `DynamicLayer` or `StaticLayer` can then take on the
+    subclass in place (`__class__` assignment needs the same leading base).
+    """
+
+    gate_sum: torch.Tensor | None
+    gate_count: torch.Tensor | None
+    has_gate_state: bool
+
+    def _init_gate_state(self) -> None:
+        self.gate_sum = self.gate_count = None
+        self.has_gate_state = False
+
+    def store_gate_state(self, gate_sum: torch.Tensor, gate_count: torch.Tensor) -> None:
+        """Sets the state to `gate_sum` `(batch, kv_lora_rank)` and `gate_count` `(batch, 1)`, fp32."""
+        self.gate_sum, self.gate_count = gate_sum, gate_count
+        self.has_gate_state = True
+
+    def _drop_gate_state(self) -> None:
+        self._init_gate_state()
+
+    def _map_gate_state(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Applies a batch operation to the state (nothing without one)."""
+        if self.has_gate_state:
+            self.store_gate_state(function(self.gate_sum), function(self.gate_count))
+
+    def _reorder_gate_state(self, beam_idx: torch.LongTensor) -> None:
+        self._map_gate_state(lambda state: state.index_select(0, beam_idx.to(state.device)))
+
+
+class DeepseekV3MultimodalDynamicLayer(DynamicLayer, DeepseekV3MultimodalGateStateMixin):
+    """transformers' `DynamicLayer` with the head gate's running state (`DeepseekV3MultimodalGateStateMixin`)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._init_gate_state()
+
+    def reset(self) -> None:
+        super().reset()
+        self._drop_gate_state()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if tokens_to_remove != 0:
+            self._drop_gate_state()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._reorder_gate_state(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_gate_state(lambda state: state.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_gate_state(lambda state: state[indices])
+
+
+class DeepseekV3MultimodalStaticLayer(StaticLayer, DeepseekV3MultimodalGateStateMixin):
+    """transformers' `StaticLayer` with the head gate's running state (`DeepseekV3MultimodalGateStateMixin`), held
+    like the keys for `torch.compile`: two buffers allocated once, at a static address, and written in place."""
+
+    def __init__(self, max_cache_len: int, **kwargs):
+        super().__init__(max_cache_len, **kwargs)
+        self._init_gate_state()
+
+    def store_gate_state(self, gate_sum: torch.Tensor, gate_count: torch.Tensor) -> None:
+        if self.gate_sum is None:
+            self.gate_sum, self.gate_count = torch.zeros_like(gate_sum), torch.zeros_like(gate_count)
+            if not is_torchdynamo_compiling():
+                # as `StaticLayer.lazy_initialization` marks the keys: in-place writes, no recompiles, cudagraph-safe
+                torch._dynamo.mark_static_address(self.gate_sum)
+                torch._dynamo.mark_static_address(self.gate_count)
+        self.gate_sum.copy_(gate_sum)
+        self.gate_count.copy_(gate_count)
+        self.has_gate_state = True
+
+    def _drop_gate_state(self) -> None:
+        # the buffers stay (their addresses are static); the next forward recomputes their content
+        self.has_gate_state = False
+
+    def reset(self) -> None:
+        super().reset()
+        self._drop_gate_state()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if tokens_to_remove != 0:
+            self._drop_gate_state()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._reorder_gate_state(beam_idx)
+
+
+# transformers' own layer classes (those `DynamicCache` and `StaticCache` build from this model's config, in
+# `generate` and upstream's forward) and the subclass each becomes to carry the gate's state
+_GATE_STATE_LAYERS = {DynamicLayer: DeepseekV3MultimodalDynamicLayer, StaticLayer: DeepseekV3MultimodalStaticLayer}
+
+
+def attach_gate_state(cache: Cache) -> None:
+    """Lets every layer of `cache` keep the head gate's running state: each plain `DynamicLayer` or `StaticLayer`
+    takes on its subclass (`DeepseekV3MultimodalDynamicLayer`, `DeepseekV3MultimodalStaticLayer`) in place, the same
+    object and tensors (a static cache keeps its static addresses) with the state added. Other layer classes (a
+    quantized cache's, say) are left as they are: the state is then recomputed from the cached latent at each step.
+
+    The attention does this itself when it first reads a layer outside `torch.compile`; `generate` calls it on the
+    cache it prepares, so a compiled first forward (chunked prefill) finds the state too. Call it on a cache of your
+    own before compiling a forward that fills it.
+
+    Args:
+        cache (`Cache`): a transformers cache (its `layers`); layers it has not created yet are adopted when the
+            attention first reads them.
+    """
+    for layer in cache.layers:
+        gated_class = _GATE_STATE_LAYERS.get(type(layer))
+        if gated_class is not None:
+            layer.__class__ = gated_class  # the same leading base: a valid `__class__` assignment
+            layer._init_gate_state()
+
+
+def _gate_state_layer(cache: Cache, layer_idx: int) -> DeepseekV3MultimodalGateStateMixin | None:
+    """The layer of `cache` at `layer_idx` if it keeps the gate's state (adopting a plain one, see
+    `attach_gate_state`), else None. Inside `torch.compile` a layer is not adopted (dynamo cannot trace a
+    `__class__` assignment): None, and the state is recomputed, as for a layer class without it."""
+    layer = cache.layers[layer_idx]
+    if not isinstance(layer, DeepseekV3MultimodalGateStateMixin) and not is_torchdynamo_compiling():
+        attach_gate_state(cache)
+    return layer if isinstance(layer, DeepseekV3MultimodalGateStateMixin) else None
+
+
+def _weighted_sum(values: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 sum `(batch, dim)` and count `(batch, 1)` of `values` `(batch, length, dim)` over the positions where
+    `weights` `(batch or 1, length)` is 1 (every position if None)."""
+    values = values.float()
+    if weights is None:
+        return values.sum(dim=1), values.new_full((values.shape[0], 1), values.shape[1])
+    weights = weights.to(values.dtype).expand(values.shape[0], -1)
+    return (values * weights.unsqueeze(-1)).sum(dim=1), weights.sum(dim=1, keepdim=True)
+
+
+def _new_gate_weights(
+    padding_mask: torch.Tensor | None, key_mask: torch.Tensor | None, positions: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What the gate reads of the masks for the new positions `positions` `(seq_len,)` of a cached forward: their
+    weights `(batch or 1, seq_len)` (1 real, 0 padding; None: all real), and under a prepared 4-D mask the new keys
+    each query sees `(batch or 1, seq_len, seq_len)` (else None). Under a 4-D mask a position is real when some query
+    of the forward sees it (as for the cached positions, `_cached_gate_weights`): no query sees a padding position."""
+    if key_mask is not None:
+        new_key_mask = key_mask.index_select(-1, positions)
+        return new_key_mask.any(dim=-2), new_key_mask
+    if padding_mask is not None:
+        return padding_mask.index_select(-1, positions), None
+    return None, None
+
+
+def _cached_gate_weights(
+    padding_mask: torch.Tensor | None, key_mask: torch.Tensor | None, past_length: torch.Tensor, kv_length: int
+) -> torch.Tensor:
+    """Weights `(batch or 1, kv_length)` of a cache's slots to recompute the gate's state: 1 for the real positions
+    before `past_length` (a 0-d tensor), 0 elsewhere. Static shapes and no device sync, so a compiled forward
+    can take this path too.
+
+    Under a prepared 4-D mask a cached position is real when some query of the forward sees it: every query then
+    counts every real cached position, which is what it sees under a causal mask with padding (as `generate` builds
+    it for a static cache)."""
+    if key_mask is not None:
+        is_real = F.pad(key_mask, (0, max(kv_length - key_mask.shape[-1], 0)))[..., :kv_length].any(dim=-2)
+    elif padding_mask is not None:
+        is_real = F.pad(padding_mask, (0, max(kv_length - padding_mask.shape[-1], 0)))[:, :kv_length].bool()
+    else:
+        is_real = torch.ones(1, kv_length, dtype=torch.bool, device=past_length.device)
+    return is_real & (torch.arange(kv_length, device=is_real.device) < past_length)
 
 
 def _head_rows(heads: torch.Tensor, rows_per_head: int) -> torch.Tensor:
@@ -184,20 +396,22 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`image_coordinates` `(batch, seq_len, 2)`: with `use_image_position_values`, each position's patch (row,
         column) in [-1, 1] (zeros for text and audio), cached beside the latent and added to every head's value.
-        `gate_padding_mask` and `gate_segment_ids`: see `causal_running_mean`; `gate_key_mask`: see `visible_mean`."""
+        `gate_padding_mask` and `gate_segment_ids`: see `causal_running_sums`; `gate_key_mask`: see `visible_sums`."""
         batch_size, seq_length = hidden_states.shape[:-1]
         kv_nope, k_rot = self._latent(hidden_states, position_embeddings, image_coordinates)
+        latent = kv_nope[:, 0, :, : self.kv_lora_rank]  # (batch, seq, kv_lora_rank): what the gate reads
+        positions = None
         if cache is not None:
+            # the new positions' cache slots, taken before `update` (a static cache advances its length in place)
+            positions = torch.arange(seq_length, device=latent.device) + cache.get_seq_length(self.layer_idx)
             kv_nope, k_rot = cache.update(kv_nope, k_rot, self.layer_idx, kwargs=kwargs)
         if self.config.use_image_position_values:
             kv_nope, coordinates = torch.split(kv_nope, [self.kv_lora_rank, 2], dim=-1)
         gate_values = heads = None
         if self.head_gate is not None:
-            # (batch, seq, num_heads)
-            gate_values = self.head_gate(
-                kv_nope.squeeze(1), gate_padding_mask, seq_length, gate_segment_ids, gate_key_mask
-            )
-            heads = self._kept_heads(gate_values)
+            gate_masks = (gate_padding_mask, gate_segment_ids, gate_key_mask)
+            gate_values = self._gate(latent, kv_nope, cache, positions, *gate_masks)  # (batch, seq, num_heads)
+            heads = self._kept_heads(gate_values, gate_padding_mask)
             gate_values = gate_values if heads is None else gate_values[..., heads]
         self.last_kept_heads = heads
 
@@ -216,6 +430,42 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
             return self.o_proj(attn_output), attn_weights
         weight = self.o_proj.weight[:, _head_rows(heads, self.v_head_dim)]
         return F.linear(attn_output, weight, self.o_proj.bias), attn_weights
+
+    def _gate(
+        self,
+        latent: torch.Tensor,
+        cached_latent: torch.Tensor,
+        cache: Cache | None,
+        positions: torch.Tensor | None,
+        padding_mask: torch.Tensor | None,
+        segment_ids: torch.Tensor | None,
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Gate values `(batch, seq_len, num_heads)` of the new positions, whose latent is `latent`
+        `(batch, seq_len, kv_lora_rank)`.
+
+        Without a cache, the mean runs over the forward's own positions. With one, the new positions (cache slots
+        `positions`) add to the sum and count of the cached ones: the layer's state, read and updated at a cost
+        independent of the context length, or, where the layer has none yet (the first forward, after a `crop`, a
+        cache built from tensors, a layer class without it), their sum over the cached latent `cached_latent`
+        `(batch, 1, kv_len, kv_lora_rank)`, recomputed once.
+        """
+        if cache is None:
+            return self.head_gate(latent, padding_mask, latent.shape[1], segment_ids, key_mask)
+        layer = _gate_state_layer(cache, self.layer_idx)
+        new_weights, new_key_mask = _new_gate_weights(padding_mask, key_mask, positions)
+        if layer is not None and layer.has_gate_state:
+            past_sum, past_count = layer.gate_sum, layer.gate_count
+        else:
+            past_weights = _cached_gate_weights(padding_mask, key_mask, positions[0], cached_latent.shape[2])
+            past_sum, past_count = _weighted_sum(cached_latent[:, 0], past_weights)
+        gate_values = self.head_gate(
+            latent, new_weights, latent.shape[1], segment_ids, new_key_mask, past_sum, past_count
+        )
+        if layer is not None:
+            new_sum, new_count = _weighted_sum(latent, new_weights)
+            layer.store_gate_state(past_sum + new_sum, past_count + new_count)
+        return gate_values
 
     def _rotate(self, states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Upstream's rotary embedding (interleaved with `rope_interleave`) of `(batch, heads, seq_len,
@@ -244,9 +494,11 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
             kv_nope = torch.cat((kv_nope, coordinates), dim=-1)
         return kv_nope, k_rot
 
-    def _kept_heads(self, gate_values: torch.Tensor) -> torch.Tensor | None:
+    def _kept_heads(self, gate_values: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Heads to compute, or None for all. Only in eval mode: a head is skipped when its gate is below
-        `attention_gate_skip_threshold` at every position of the batch."""
+        `attention_gate_skip_threshold` at every real position of the batch. Padding positions (0 in the 2-D
+        `padding_mask` `(batch, kv_len)`, cached positions first) never decide: a padded batch skips the heads that
+        each of its rows alone skips."""
         threshold = self.config.attention_gate_skip_threshold
         if self.training or threshold <= 0.0:
             return None
@@ -256,7 +508,11 @@ class DeepseekV3MultimodalAttention(DeepseekV3Attention):
             # slicing `.weight` rows is exact only for a plain linear layer: an unmerged LoRA adds its own term, and a
             # quantized weight (torchao's `Int8Tensor`) would lose its per-row scales
             return None
-        is_open = (gate_values >= threshold).flatten(0, 1).any(dim=0)  # (num_heads,)
+        is_open = gate_values >= threshold  # (batch, seq, num_heads)
+        if padding_mask is not None:
+            # a pad's gates say nothing of its row (left of the first token: a mean over nothing, so a constant)
+            is_open = is_open & padding_mask[:, -gate_values.shape[1] :, None].bool()
+        is_open = is_open.flatten(0, 1).any(dim=0)  # (num_heads,)
         if bool(is_open.all()):
             return None
         return is_open.nonzero().squeeze(-1)

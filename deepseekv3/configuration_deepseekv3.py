@@ -73,7 +73,8 @@ class DeepseekV3MultimodalConfig(DeepseekV3Config):
             query attends (causally) to its own block and the one before, so it sees between `attention_block_size`
             and `2 * attention_block_size - 1` positions. Built as a transformers mask function, so every attention
             backend applies it; with `attn_implementation="flex_attention"` the mask is block-sparse and memory grows
-            linearly with the context. `None` is dense causal attention. Must be positive.
+            linearly with the context. Blocks (and sink tokens) count from each row's first real token, so a
+            left-padded row sees what it sees alone. `None` is dense causal attention. Must be positive.
         attention_num_sink_tokens (`int`, *optional*, defaults to 0):
             With `attention_block_size`, the first positions of every sequence stay visible to all later queries
             (global "sink" tokens). Must be non-negative; needs `attention_block_size`.

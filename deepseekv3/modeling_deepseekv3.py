@@ -46,6 +46,7 @@ from .attention_deepseekv3 import (
     DeepseekV3MultimodalAttention,
     DeepseekV3MultimodalGateOutput,
     DeepseekV3MultimodalHeadGate,
+    attach_gate_state,
     gate_inputs,
     is_prepared_mask,
     open_media_spans,
@@ -442,8 +443,9 @@ class DeepseekV3MultimodalModel(
             attention_mask (`torch.Tensor`, *optional*): a `(batch, kv_len)` padding mask, or, as upstream takes it,
                 a prepared 4-D mask `(batch, 1, q_len, kv_len)`, bool or float (added to the scores), used as given
                 (packed rows, shared prefixes): each media span is opened both ways in it
-                (`use_bidirectional_media_attention`), the head gate averages over the keys it shows, and
-                `attention_block_size`'s window is not added (warned once).
+                (`use_bidirectional_media_attention`), the head gate averages over the keys it shows (with a
+                cache: over every real cached position and the new keys it shows), and `attention_block_size`'s
+                window is not added (warned once).
             pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, image_size, image_size)`): every
                 image of the batch, in order of appearance.
             input_features (`torch.FloatTensor` of shape `(num_clips, num_mel_bins, frames)`): log-mel features of
@@ -460,7 +462,9 @@ class DeepseekV3MultimodalModel(
         )
         packed_sequence_ids = _packed_sequence_ids(position_ids, attention_mask, cache, inputs_embeds.shape[0])
         past_length = cache.get_seq_length() if cache is not None else 0
-        self._check_length(past_length + inputs_embeds.shape[1])
+        if not torch.compiler.is_compiling():
+            # a static cache's length is a tensor: reading it for a warning would break a compiled decoding step
+            self._check_length(past_length + inputs_embeds.shape[1])
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
             position_ids = position_ids.unsqueeze(0)
@@ -515,7 +519,9 @@ class DeepseekV3MultimodalModel(
         block_sequence_ids: torch.LongTensor | None,
     ) -> torch.Tensor | None:
         """The causal (padding, packing) mask intersected with the blockwise local attention of
-        `attention_block_size` and opened both ways inside each media span (`block_sequence_ids`)."""
+        `attention_block_size` and opened both ways inside each media span (`block_sequence_ids`). Blocks and sink
+        tokens count from each row's first real token: the left padding is read from the 2-D `attention_mask`,
+        which covers the cached positions too, so the offset holds at every decoding step."""
         and_mask_function = None
         if self.config.attention_block_size is not None:
             implementation = self.config._attn_implementation
@@ -525,8 +531,9 @@ class DeepseekV3MultimodalModel(
                     f"attention_block_size needs an attention implementation that takes a mask (eager, sdpa, "
                     f"flex_attention), not {implementation!r}"
                 )
+            left_padding = None if attention_mask is None else _left_padding(attention_mask.to(inputs_embeds.device))
             and_mask_function = block_local_mask_function(
-                self.config.attention_block_size, self.config.attention_num_sink_tokens
+                self.config.attention_block_size, self.config.attention_num_sink_tokens, left_padding
             )
         past_length = cache.get_seq_length() if cache is not None else 0
         if block_sequence_ids is not None and past_length > 0:
@@ -552,16 +559,36 @@ class DeepseekV3MultimodalModel(
             )
 
 
-def block_local_mask_function(block_size: int, num_sink_tokens: int = 0) -> Callable:
+def block_local_mask_function(
+    block_size: int, num_sink_tokens: int = 0, left_padding: torch.Tensor | None = None
+) -> Callable:
     """Mask function (transformers' `(batch_idx, head_idx, q_idx, kv_idx) -> bool` convention) of blockwise local
     attention: key `kv_idx` is visible to query `q_idx` when it lies in the query's block of `block_size` positions or
     the block before, or among the first `num_sink_tokens` positions. `create_causal_mask` intersects it with the
-    causal (and padding, packing) mask; on packed rows the positions restart with every sequence."""
+    causal (and padding, packing) mask; on packed rows the positions restart with every sequence.
+
+    Args:
+        block_size (`int`): positions per block.
+        num_sink_tokens (`int`, *optional*, defaults to 0): leading positions every later query sees.
+        left_padding (`torch.Tensor` of shape `(batch,)`, *optional*): pad positions before each row's first real
+            token (as transformers' `chunked_overlay` takes them); blocks and sinks are counted from that token, so a
+            left-padded row sees what it sees alone. `None`: counted from index 0.
+    """
 
     def inner_mask(batch_idx: torch.Tensor, head_idx: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor):
+        if left_padding is not None:
+            # pad keys get negative indices here; the padding mask hides them
+            q_idx, kv_idx = q_idx - left_padding[batch_idx], kv_idx - left_padding[batch_idx]
         return (kv_idx // block_size >= q_idx // block_size - 1) | (kv_idx < num_sink_tokens)
 
     return inner_mask
+
+
+def _left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`(batch,)` number of pad positions before each row's first real token of a `(batch, kv_len)` padding mask
+    (past and current positions, as `generate` and the serving engine pass it), counted as transformers'
+    `create_chunked_causal_mask` counts them."""
+    return (attention_mask.long().cumsum(dim=-1) == 0).sum(dim=-1)
 
 
 def _packed_sequence_ids(
@@ -605,6 +632,13 @@ class DeepseekV3MultimodalForConditionalGeneration(DeepseekV3MultimodalPreTraine
         if placeholder_ids:
             # a placeholder only stands for media the processor supplies: generated text never contains one
             self.generation_config.suppress_tokens = placeholder_ids
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """`GenerationMixin._prepare_cache_for_generation`, then the head gates' running state attached to the cache
+        before any forward (`attach_gate_state`), so that a compiled first step (chunked prefill) keeps it too."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if self.config.use_attention_gate and isinstance(model_kwargs.get("cache"), Cache):
+            attach_gate_state(model_kwargs["cache"])
 
     def get_text_features(
         self,

@@ -114,6 +114,37 @@ def test_a_head_open_in_any_row_is_computed_for_the_whole_batch():
     torch.testing.assert_close(alone.logits[0], reference.logits[0], atol=1e-4, rtol=1e-4)
 
 
+def test_padding_positions_never_keep_a_head_open():
+    model = gated_model()
+    set_gate_biases(model, {0: [OPEN] * NUM_HEADS, 1: [OPEN] * NUM_HEADS})
+    # a row of one repeated token gives layer 0 the same latent, so the same gates, at every real position; a pad
+    # position's running mean is over nothing (zero), so its gates are a constant: head 1 of layer 0 is made closed
+    # for the token and open for padding
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        embeddings = model.model.layers[0].input_layernorm(model.model.embed_tokens(torch.tensor([7])))
+        latent = attention.kv_a_layernorm(attention.kv_a_proj_with_mqa(embeddings)[:, : model.config.kv_lora_rank])
+        gate = attention.head_gate
+        hidden = gate.act_fn(gate.down_proj(torch.cat([latent, torch.zeros_like(latent)])))  # token, padding
+        difference = hidden[1] - hidden[0]
+        weight = (OPEN - CLOSED) * difference / difference.dot(difference)
+        gate.up_proj.weight[1] = weight
+        gate.up_proj.bias[1] = CLOSED - weight.dot(hidden[0])
+    model.set_head_skip_threshold(0.01)
+    long_row, short_row = torch.full((1, 12), 7), torch.full((1, 8), 7)
+    input_ids = torch.cat([long_row, torch.cat([torch.zeros(1, 4, dtype=torch.long), short_row], dim=1)])
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0
+
+    batched, _ = run(model, input_ids, attention_mask=attention_mask, output_gate_values=True)
+    assert batched.gate_values[0][1, :4, 1].min() > 0.9  # open at the pads: counted, they would keep head 1
+    assert model.get_skipped_heads() == {0: [1], 1: []}
+    for row, real in ((0, long_row), (1, short_row)):
+        alone, _ = run(model, real)
+        assert model.get_skipped_heads() == {0: [1], 1: []}
+        torch.testing.assert_close(batched.logits[row, -real.shape[1] :], alone.logits[0], atol=1e-5, rtol=1e-5)
+
+
 def test_skipping_never_happens_in_training_mode(input_ids):
     model = gated_model()
     set_gate_biases(model, {0: [CLOSED] * NUM_HEADS, 1: [CLOSED] * NUM_HEADS})

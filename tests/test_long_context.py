@@ -1,5 +1,7 @@
 """Long context: blockwise local attention with sink tokens (`attention_block_size`, `attention_num_sink_tokens`),
-through transformers' mask functions on every attention backend, and YaRN rope scaling as DeepSeek-V3 configures it."""
+through transformers' mask functions on every attention backend, counted from each row's first real token (a
+left-padded row, in a forward, `generate` or the serving engine, equals the row alone), and YaRN rope scaling as
+DeepSeek-V3 configures it."""
 
 import pytest
 import torch
@@ -93,6 +95,82 @@ def test_packed_sequences_restart_their_blocks():
         together = model(input_ids=packed, position_ids=position_ids).logits
         alone = model(input_ids=second).logits
     torch.testing.assert_close(together[:, 9:], alone, atol=1e-5, rtol=1e-5)
+
+
+# blocks of 4 and 2 sink tokens on rows of 19 and 13 tokens: counted over the padded row, the 6 pads of the short
+# row would take its sink positions and shift its blocks by 2
+PADDED_BLOCK_KWARGS = {"use_attention_gate": True, "attention_block_size": 4, "attention_num_sink_tokens": 2}
+PADDED_ROW_LENGTHS = (19, 13)
+
+
+def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `attention_mask` `(len(rows), longest)` of `rows` left-padded with the pad token 0."""
+    length = max(len(row) for row in rows)
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, length - len(row) :] = torch.tensor(row)
+        attention_mask[index, length - len(row) :] = 1
+    return input_ids, attention_mask
+
+
+def random_rows(lengths: tuple[int, ...]) -> list[list[int]]:
+    return [[1] + torch.randint(5, 96, (length - 1,)).tolist() for length in lengths]
+
+
+@pytest.fixture
+def fresh_compilation():
+    """Drops the compiled kernels after the test. transformers compiles flex attention once per process with
+    automatic dynamic shapes: after three shapes the kernel is rebuilt with symbolic sizes, which torch 2.13's CPU
+    inductor then fails to compile for a longer sequence (`CppCompileError`, `cur_kvSplitSize8` not declared)."""
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.filterwarnings("ignore:_compile flag on create_block_mask:DeprecationWarning")
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa", "flex_attention"])
+@pytest.mark.usefixtures("fresh_compilation")
+def test_a_left_padded_row_gets_the_blocks_and_sinks_of_the_row_alone(attn_implementation):
+    model = build(attn_implementation, **PADDED_BLOCK_KWARGS)
+    rows = random_rows(PADDED_ROW_LENGTHS)
+    input_ids, attention_mask = left_padded(rows)
+    with torch.no_grad():
+        batched = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        for index, row in enumerate(rows):
+            alone = model(input_ids=torch.tensor([row])).logits[0]
+            torch.testing.assert_close(batched[index, -len(row) :], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_generate_of_left_padded_rows_equals_each_row_alone():
+    # 12 new tokens cross three block boundaries: the offset holds at every decoding step
+    model = build("sdpa", **PADDED_BLOCK_KWARGS)
+    rows = random_rows(PADDED_ROW_LENGTHS)
+    input_ids, attention_mask = left_padded(rows)
+    settings = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False}
+    batched = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
+    for index, row in enumerate(rows):
+        alone = model.generate(input_ids=torch.tensor([row]), **settings)
+        assert batched[index, input_ids.shape[1] :].tolist() == alone[0, len(row) :].tolist()
+
+
+def test_the_serving_engine_gives_the_tokens_of_unpadded_generate_with_blockwise_attention():
+    from deepseekv3.serving import Engine, EngineConfig
+
+    model = build("sdpa", **PADDED_BLOCK_KWARGS)
+    rows = random_rows((*PADDED_ROW_LENGTHS, 7))
+    # the longest prompt finishes first: the engine then drops the padding columns no remaining row needs, and every
+    # row's offset changes with them
+    max_new_tokens = [5, 12, 9]
+    expected = [
+        model.generate(input_ids=torch.tensor([row]), max_new_tokens=count, do_sample=False)[0, len(row) :].tolist()
+        for row, count in zip(rows, max_new_tokens)
+    ]
+    engine = Engine(model, EngineConfig(max_batch_size=len(rows)))
+    handles = [engine.submit(row, max_new_tokens=count) for row, count in zip(rows, max_new_tokens)]
+    with engine:  # queued before the loop starts: prefilled together
+        results = [handle.result(timeout=60).token_ids for handle in handles]
+    assert engine.stats["prefill_calls"] == 1  # one left-padded prefill, then decoding on the padded cache
+    assert results == expected
 
 
 # transformers 5.24's `flex_attention_mask` passes `_compile=True` to torch's `create_block_mask`, which torch 2.13
