@@ -11,6 +11,7 @@ weights with the model files that import it.
 
 import torch
 import torch.nn.functional as F
+from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
 __all__ = [
     "attention_distillation_loss",
@@ -68,7 +69,7 @@ def contrastive_loss(
     if is_false_negative is not None:
         is_false_negative = is_false_negative.bool() & (targets[:, None] != targets[None, :])
         logits = logits.masked_fill(is_false_negative, float("-inf"))
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    return image_text_contrastive_loss(logits)  # CLIP's: the mean of the two directions' cross-entropies
 
 
 def _identical_rows(*tensors: torch.Tensor | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..configuration_deepseekv3 import DeepseekV3MultimodalConfig
@@ -224,7 +225,16 @@ class MultimodalPackingCollator(_MultimodalCollator):
         batch = {key: torch.stack(values) for key, values in text.items()}
         batch.update(self._collate_media([examples[i] for row in rows for i in row]))
         if self.return_flash_attn_kwargs:
-            batch.update(_flash_attn_kwargs([[lengths[i] for i in row] for row in rows], row_length))
+            # transformers' own derivation from the position ids: every sequence and every pad tail restarts at 0
+            (cu_seq_lens_q, cu_seq_lens_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+            batch.update(
+                {
+                    "cu_seq_lens_q": cu_seq_lens_q,
+                    "cu_seq_lens_k": cu_seq_lens_k,
+                    "max_length_q": int(max_q),
+                    "max_length_k": int(max_k),
+                }
+            )
         return batch
 
 
@@ -277,22 +287,6 @@ def _frame_mask(example: Mapping) -> torch.Tensor:
     if example.get("input_features_mask") is None:
         return torch.ones(features.shape[0], features.shape[-1], dtype=torch.long)
     return torch.as_tensor(example["input_features_mask"]).long()
-
-
-def _flash_attn_kwargs(row_lengths: list[list[int]], row_length: int) -> dict[str, torch.Tensor | int]:
-    """Varlen kwargs over the rows flattened row-major: every sequence, and every row's pad tail, is a segment."""
-    segments = []
-    for lengths in row_lengths:
-        segments += lengths
-        if sum(lengths) < row_length:
-            segments.append(row_length - sum(lengths))
-    cu_seq_lens = F.pad(torch.tensor(segments).cumsum(0), (1, 0)).to(torch.int32)
-    return {
-        "cu_seq_lens_q": cu_seq_lens,
-        "cu_seq_lens_k": cu_seq_lens,
-        "max_length_q": max(segments),
-        "max_length_k": max(segments),
-    }
 
 
 def _indices(flags: Sequence[bool]) -> list[int]:

@@ -29,7 +29,7 @@ from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
 from transformers.trainer_pt_utils import get_parameter_names
 from transformers.utils import logging
 
-from ..modeling_deepseekv3 import DeepseekV3MultimodalHeadGate
+from ..attention_deepseekv3 import DeepseekV3MultimodalHeadGate
 
 __all__ = [
     "AdaptiveGradScaler",
