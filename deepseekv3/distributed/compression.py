@@ -17,8 +17,16 @@ to the next step's input, on the sending side (per rank and bucket) and on the a
 averaged gradients summed over steps then differ from the exact sums by at most one step's quantisation error, so
 training converges like uncompressed training.
 
-The collectives run synchronously inside the hook: issuing the second phase from a future callback would let
-ranks enqueue collectives of different buckets in different orders, which gloo pairs by sequence number.
+A non-finite value on any rank (fp16 loss scaling overflows by design) makes its chunk's scale non-finite; the rank
+averaging that shard then sends a NaN scale in phase 2, so every rank sees the overflow, returns a bucket holding
+inf/NaN (as an uncompressed all-reduce would, so `GradScaler` or the optimizer skips the step) and leaves the
+error-feedback buffers as they were before that step.
+
+The hook does not block backward: phase 1 is issued asynchronously and phase 2 from its future's callback, as
+torch's PowerSGD hook chains its all-reduces. Collectives of one process group must be issued in the same order on
+every rank, and a callback runs whenever a collective completes, so the hook issues its collectives on a private
+process group (same ranks; DDP's own collectives, such as the unused-parameter all-reduce, stay on the user's) and
+starts a bucket only once the previous bucket's exchange has finished.
 """
 
 import math
@@ -96,13 +104,17 @@ class FourBitCompressionState:
         process_group (`torch.distributed.ProcessGroup`, *optional*): the group DDP averages over (default: the
             world).
         chunk_size (`int`, defaults to 256): values sharing one fp32 scale; even, at least 16. The payload is
-            `0.5 + 4 / chunk_size` bytes per value, so 256 sends 7.76x fewer bytes than fp32.
+            `0.5 + 4 / chunk_size` bytes per value, so 256 sends 7.76x fewer bytes than fp32 (3.88x fewer than
+            bf16).
 
     Attributes:
         bytes_sent (`int`): compressed bytes this rank has sent to other ranks.
-        fp32_bytes (`int`): bytes a ring all-reduce of the same fp32 buckets sends per rank,
-            `2 (world - 1) / world * 4 * numel`.
+        uncompressed_bytes (`int`): bytes a ring all-reduce of the same buckets, in their own dtype (4 bytes a value
+            for fp32, 2 for bf16 and fp16), sends per rank, `2 (world - 1) / world * element_size * numel`.
+        fp32_bytes (`int`): the same for fp32 buckets, `2 (world - 1) / world * 4 * numel`, whatever the buckets'
+            dtype (kept for readers of the earlier counters; equal to `uncompressed_bytes` for fp32 models).
         num_allreduces (`int`): buckets averaged so far.
+        num_overflows (`int`): of those, buckets passed through non-finite (some rank had an inf or NaN).
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, chunk_size: int = 256):
@@ -111,15 +123,33 @@ class FourBitCompressionState:
         self.process_group = process_group
         self.chunk_size = chunk_size
         self.bytes_sent = 0
+        self.uncompressed_bytes = 0
         self.fp32_bytes = 0
         self.num_allreduces = 0
+        self.num_overflows = 0
         self._sender_errors: dict[int, torch.Tensor] = {}
         self._shard_errors: dict[int, torch.Tensor] = {}
+        self._hook_group: dist.ProcessGroup | None = None
+        self._last_exchange: torch.futures.Future | None = None
+        if dist.is_available() and dist.is_initialized():
+            self._hook_group = self._new_hook_group()
 
     @property
     def compression_ratio(self) -> float:
-        """fp32 ring all-reduce bytes over the bytes actually sent (0.0 before the first exchange)."""
-        return self.fp32_bytes / self.bytes_sent if self.bytes_sent else 0.0
+        """Ring all-reduce bytes of the buckets in their own dtype over the bytes actually sent (0.0 before the first
+        exchange)."""
+        return self.uncompressed_bytes / self.bytes_sent if self.bytes_sent else 0.0
+
+    def _new_hook_group(self) -> dist.ProcessGroup:
+        # Only the group's members call this (use_local_synchronization), so a state may be built for a subgroup.
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        ranks = dist.get_process_group_ranks(group)
+        return dist.new_group(ranks, backend=dist.get_backend(group), use_local_synchronization=True)
+
+    def _group_for_hook(self) -> dist.ProcessGroup:
+        if self._hook_group is None:
+            self._hook_group = self._new_hook_group()
+        return self._hook_group
 
     def _error(self, errors: dict[int, torch.Tensor], key: int, like: torch.Tensor) -> torch.Tensor:
         # DDP rebuilds its buckets after the first iteration, so a key may come back with another size.
@@ -139,6 +169,11 @@ def _pack_rows(packed: torch.Tensor, scales: torch.Tensor, num_rows: int, row_nu
     return torch.cat((codes, scale_bytes), dim=1)
 
 
+def _row_scales(rows: torch.Tensor, row_numel: int) -> torch.Tensor:
+    """The fp32 scales of packed rows, `(num_rows, chunks_per_row)`."""
+    return rows[:, row_numel // 2 :].contiguous().view(torch.float32)
+
+
 def _unpack_rows(rows: torch.Tensor, row_numel: int, chunk_size: int) -> torch.Tensor:
     """Inverse of [`_pack_rows`] then [`dequantize_4bit`]: fp32 of shape `(num_rows, row_numel)`."""
     num_rows = rows.shape[0]
@@ -146,18 +181,45 @@ def _unpack_rows(rows: torch.Tensor, row_numel: int, chunk_size: int) -> torch.T
     codes = rows[:, : row_numel // 2]
     zero_codes = _CODE_OFFSET | (_CODE_OFFSET << 4)  # both nibbles decode to 0.0
     codes = F.pad(codes, (0, num_chunks * chunk_size // 2 - codes.shape[1]), value=zero_codes)
-    scales = rows[:, row_numel // 2 :].contiguous().view(torch.float32)
-    values = dequantize_4bit(codes.reshape(-1), scales.reshape(-1), chunk_size)
+    values = dequantize_4bit(codes.reshape(-1), _row_scales(rows, row_numel).reshape(-1), chunk_size)
     return values.view(num_rows, -1)[:, :row_numel]
 
 
-def compressed_allreduce(state: FourBitCompressionState, key: int, tensor: torch.Tensor) -> torch.Tensor:
-    """Averages `tensor` over the ranks of `state.process_group` in 4 bits, with error feedback.
+def _all_gather(output: torch.Tensor, row: torch.Tensor, group: dist.ProcessGroup) -> dist.Work:
+    """Asynchronous all-gather of one row per rank into `output`: `all_gather_single` where this torch has it,
+    `all_gather_into_tensor` (torch >= 2.0, the same result) before that."""
+    all_gather_single = getattr(dist, "all_gather_single", None)
+    if all_gather_single is not None:
+        return all_gather_single(output, row, group=group, async_op=True)
+    return dist.all_gather_into_tensor(output, row, group=group, async_op=True)
 
-    Every rank must call it with the same `key` and shape, in the same order. Returns a new tensor of `tensor`'s
-    shape and dtype, bit-identical on every rank.
-    """
-    group = state.process_group if state.process_group is not None else dist.group.WORLD
+
+def _new_future(device: torch.device) -> torch.futures.Future:
+    return torch.futures.Future(devices=[device]) if device.type == "cuda" else torch.futures.Future()
+
+
+def _after(future: torch.futures.Future, result: torch.futures.Future, callback) -> None:
+    """Runs `callback(future)` once `future` completes; an exception it raises (or `future`'s) fails `result`, so
+    nothing waits forever on a failed exchange."""
+
+    def run(done: torch.futures.Future) -> None:
+        try:
+            done.value()
+            callback(done)
+        except BaseException as error:  # noqa: BLE001 - handed to whoever waits on `result`
+            if not result.done():
+                result.set_exception(error)
+
+    future.add_done_callback(run)
+
+
+def _compressed_allreduce_async(
+    state: FourBitCompressionState, key: int, tensor: torch.Tensor, group: dist.ProcessGroup
+) -> torch.futures.Future[torch.Tensor]:
+    """[`compressed_allreduce`] as a future: phase 1 issued now, phase 2 from phase 1's completion callback.
+
+    The error-feedback buffers are updated only when the exchange ends, and left as they were if any rank had a
+    non-finite value."""
     world_size = dist.get_world_size(group)
     chunk_size = state.chunk_size
     numel = tensor.numel()
@@ -165,43 +227,90 @@ def compressed_allreduce(state: FourBitCompressionState, key: int, tensor: torch
     padded_shard = math.ceil(shard_numel / chunk_size) * chunk_size  # whole chunks, for the scales
     flat = F.pad(tensor.reshape(-1).float(), (0, world_size * shard_numel - numel)).view(world_size, shard_numel)
     padded = F.pad(flat, (0, padded_shard - shard_numel)).view(-1)  # (world_size * padded_shard,)
+    result = _new_future(tensor.device)
 
-    # phase 1: each rank's error-corrected gradient, shard i to rank i
+    # phase 1: each rank's error-corrected gradient, shard i to rank i. A non-finite value makes its chunk's scale
+    # inf or NaN, and that scale travels with the codes.
     corrected = padded + state._error(state._sender_errors, key, padded)
     packed, scales, restored = _quantize(corrected, chunk_size)
-    state._sender_errors[key] = corrected - restored
+    sender_error = corrected - restored
     outgoing = _pack_rows(packed, scales, world_size, shard_numel)  # (world_size, row_bytes)
     incoming = torch.empty_like(outgoing)
-    dist.all_to_all_single(incoming, outgoing, group=group)
+    phase1 = dist.all_to_all_single(incoming, outgoing, group=group, async_op=True).get_future()
 
-    # phase 2: this rank's shard averaged over the ranks, error-corrected, sent to every rank
-    shard_mean = F.pad(_unpack_rows(incoming, shard_numel, chunk_size).mean(dim=0), (0, padded_shard - shard_numel))
-    shard_mean = shard_mean + state._error(state._shard_errors, key, shard_mean)
-    shard_packed, shard_scales, shard_restored = _quantize(shard_mean, chunk_size)
-    state._shard_errors[key] = shard_mean - shard_restored
-    own_row = _pack_rows(shard_packed, shard_scales, 1, shard_numel)  # (1, row_bytes)
-    gathered = torch.empty(world_size, own_row.shape[1], dtype=torch.uint8, device=tensor.device)
-    dist.all_gather_single(gathered, own_row, group=group)
+    def phase2(_: torch.futures.Future) -> None:
+        # this rank's shard averaged over the ranks, error-corrected, sent to every rank
+        shard_mean = _unpack_rows(incoming, shard_numel, chunk_size).mean(dim=0)
+        shard_mean = F.pad(shard_mean, (0, padded_shard - shard_numel))
+        shard_mean = shard_mean + state._error(state._shard_errors, key, shard_mean)
+        shard_packed, shard_scales, shard_restored = _quantize(shard_mean, chunk_size)
+        shard_error = shard_mean - shard_restored
+        # a non-finite value anywhere in this shard, on any rank, shows as a NaN scale to every rank
+        received_finite = torch.isfinite(_row_scales(incoming, shard_numel)).all()
+        shard_scales = torch.where(received_finite, shard_scales, torch.full_like(shard_scales, math.nan))
+        own_row = _pack_rows(shard_packed, shard_scales, 1, shard_numel)  # (1, row_bytes)
+        gathered = torch.empty(world_size, own_row.shape[1], dtype=torch.uint8, device=tensor.device)
+        phase2_future = _all_gather(gathered, own_row, group).get_future()
+        _after(phase2_future, result, lambda done: finish(gathered, own_row.numel(), sender_error, shard_error))
 
-    # Both phases send every row but this rank's own; the fp32 reference is a ring all-reduce of the bucket.
-    state.bytes_sent += 2 * (world_size - 1) * own_row.numel()
-    state.fp32_bytes += 2 * (world_size - 1) * numel * 4 // world_size
-    state.num_allreduces += 1
-    averaged = _unpack_rows(gathered, shard_numel, chunk_size).reshape(-1)[:numel]
-    return averaged.view(tensor.shape).to(tensor.dtype)
+    def finish(gathered: torch.Tensor, row_bytes: int, sender_error: torch.Tensor, shard_error: torch.Tensor):
+        # every rank holds the same `gathered`, so every rank takes the same branch
+        if bool(torch.isfinite(_row_scales(gathered, shard_numel)).all()):
+            state._sender_errors[key] = sender_error
+            state._shard_errors[key] = shard_error
+        else:
+            state.num_overflows += 1
+        # Both phases send every row but this rank's own; the reference is a ring all-reduce of the bucket.
+        state.bytes_sent += 2 * (world_size - 1) * row_bytes
+        state.uncompressed_bytes += 2 * (world_size - 1) * numel * tensor.element_size() // world_size
+        state.fp32_bytes += 2 * (world_size - 1) * numel * 4 // world_size
+        state.num_allreduces += 1
+        averaged = _unpack_rows(gathered, shard_numel, chunk_size).reshape(-1)[:numel]
+        result.set_result(averaged.view(tensor.shape).to(tensor.dtype))
+
+    _after(phase1, result, phase2)
+    return result
+
+
+def compressed_allreduce(state: FourBitCompressionState, key: int, tensor: torch.Tensor) -> torch.Tensor:
+    """Averages `tensor` over the ranks of `state.process_group` in 4 bits, with error feedback.
+
+    Every rank must call it with the same `key` and shape, in the same order. Returns a new tensor of `tensor`'s
+    shape and dtype, bit-identical on every rank; holding inf or NaN if any rank's `tensor` did, in which case the
+    error-feedback buffers are left unchanged.
+    """
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    return _compressed_allreduce_async(state, key, tensor, group).wait()
 
 
 def fourbit_hook(state: FourBitCompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: averages the bucket in 4 bits with [`compressed_allreduce`].
+    """DDP communication hook: averages the bucket in 4 bits, as [`compressed_allreduce`] does, without blocking.
 
-    Register with `ddp_model.register_comm_hook(FourBitCompressionState(), fourbit_hook)`, or
-    [`register_fourbit_hook`].
+    Returns at once a future of the averaged bucket; the exchange runs while backward goes on. Register with
+    `ddp_model.register_comm_hook(FourBitCompressionState(), fourbit_hook)`, or [`register_fourbit_hook`].
     """
     buffer = bucket.buffer()
-    buffer.copy_(compressed_allreduce(state, bucket.index(), buffer))
-    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    future.set_result(buffer)
-    return future
+    key = bucket.index()
+    group = state._group_for_hook()
+    result = _new_future(buffer.device)
+
+    def start(_: torch.futures.Future | None = None) -> None:
+        try:
+            exchange = _compressed_allreduce_async(state, key, buffer, group)
+        except BaseException as error:  # noqa: BLE001 - handed to DDP through the future
+            result.set_exception(error)
+            return
+        _after(exchange, result, lambda done: result.set_result(buffer.copy_(done.value())))
+
+    # Buckets are exchanged one after another, in the order DDP hands them over, which is the same on every rank.
+    previous = state._last_exchange
+    state._last_exchange = result
+    if previous is None or previous.done():
+        start()
+    else:
+        # an earlier bucket's failure fails that bucket's future; this one still runs its exchange
+        previous.add_done_callback(start)
+    return result
 
 
 def register_fourbit_hook(
@@ -227,8 +336,8 @@ class FourBitCompressionCallback(TrainerCallback):
     `Trainer` wraps the model in DDP inside `train()`, after callbacks are created, so the callback reads the wrapped
     model from the trainer: `trainer.add_callback(FourBitCompressionCallback(trainer))`. The logs passed to later
     callbacks (and `trainer.state.log_history`) gain `comm_bytes_sent` (this rank's compressed bytes so far) and
-    `comm_compression_ratio` (fp32 ring all-reduce bytes / bytes sent). In a single process (nothing to exchange)
-    it does nothing.
+    `comm_compression_ratio` (ring all-reduce bytes of the buckets in their own dtype / bytes sent). In a single
+    process (nothing to exchange) it does nothing.
 
     Args:
         trainer (`transformers.Trainer`): the trainer whose model to hook.
