@@ -13,7 +13,7 @@ from unittest.mock import patch
 import pytest
 import torch
 from conftest import TINY_MEDIA_KWARGS, TINY_TEXT_KWARGS
-from test_modeling import build_model, make_gates_vary, multimodal_batch
+from test_modeling import assert_packed_row_equals_its_sequences, build_model, make_gates_vary, multimodal_batch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedModel, set_seed
 from transformers.testing_utils import CaptureLogger
 
@@ -137,21 +137,7 @@ def test_a_4d_mask_keeps_media_spans_bidirectional_and_the_gate_per_sequence(
     attends to itself both ways, and each gate averages over its own sequence only."""
     model = build_model(every_feature_config, attn_implementation)
     make_gates_vary(model)
-    first = multimodal_batch(batch_size=1)
-    second_ids = torch.randint(5, 96, (1, 9))
-    third = multimodal_batch(batch_size=1, text_before=1, text_after=2)
-    lengths = [first["input_ids"].shape[1], second_ids.shape[1], third["input_ids"].shape[1]]
-    packed = {
-        "input_ids": torch.cat([first["input_ids"], second_ids, third["input_ids"]], dim=1),
-        "attention_mask": _block_causal_mask(lengths, mask_dtype),
-        "position_ids": torch.cat([torch.arange(length) for length in lengths]).unsqueeze(0),
-        "pixel_values": torch.cat([first["pixel_values"], third["pixel_values"]]),
-        "input_features": torch.cat([first["input_features"], third["input_features"]]),
-    }
-    with torch.no_grad():
-        packed_logits = model(**packed).logits
-        alone = [model(**first).logits, model(input_ids=second_ids).logits, model(**third).logits]
-    torch.testing.assert_close(packed_logits, torch.cat(alone, dim=1), atol=1e-5, rtol=1e-5)
+    assert_packed_row_equals_its_sequences(model, lambda lengths: _block_causal_mask(lengths, mask_dtype))
 
 
 def test_incremental_decoding_with_4d_masks_equals_the_full_forward(every_feature_config):

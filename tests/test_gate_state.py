@@ -73,6 +73,21 @@ def _assert_equal_where_real(logits, expected, attention_mask) -> None:
     torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
+def _assert_decoding_equals_the_full_forward(model, input_ids, attention_mask, prefix: int, cache) -> None:
+    """Prefills `prefix` positions on `cache`, then decodes the rest token by token: the full forward's logits at
+    the real positions."""
+    with torch.no_grad():
+        full = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = torch.cat(
+        [
+            _prefill(model, input_ids, attention_mask, prefix, cache),
+            _continue(model, input_ids, attention_mask, prefix, cache),
+        ],
+        dim=1,
+    )
+    _assert_equal_where_real(logits, full, attention_mask)
+
+
 # --- Cache exactness -----------------------------------------------------------------------------------------------
 
 
@@ -83,18 +98,8 @@ def test_step_by_step_decoding_equals_the_full_forward(gated_model, cache_kind, 
     token: the logits of the full forward, and every layer ends with a state counting exactly the real positions."""
     input_ids, attention_mask = _left_padded_batch([14, 11, 7], 14)
     attention_mask = attention_mask if padded else None
-    with torch.no_grad():
-        full = gated_model(input_ids=input_ids, attention_mask=attention_mask).logits
     cache = _new_cache(gated_model, cache_kind)
-    prefix = 6
-    logits = torch.cat(
-        [
-            _prefill(gated_model, input_ids, attention_mask, prefix, cache),
-            _continue(gated_model, input_ids, attention_mask, prefix, cache),
-        ],
-        dim=1,
-    )
-    _assert_equal_where_real(logits, full, attention_mask)
+    _assert_decoding_equals_the_full_forward(gated_model, input_ids, attention_mask, 6, cache)
     layer_class = DeepseekV3MultimodalDynamicLayer if cache_kind == "dynamic" else DeepseekV3MultimodalStaticLayer
     real_counts = torch.full((3, 1), 14.0) if attention_mask is None else attention_mask.sum(1, keepdim=True).float()
     for layer in cache.layers:
@@ -154,18 +159,8 @@ def test_a_layer_class_without_the_state_recomputes_it_exactly(gated_model):
         pass
 
     input_ids, attention_mask = _left_padded_batch([12, 8], 12)
-    with torch.no_grad():
-        full = gated_model(input_ids=input_ids, attention_mask=attention_mask).logits
     cache = Cache(layer_class_to_replicate=OtherLayer)
-    prefix = 5
-    logits = torch.cat(
-        [
-            _prefill(gated_model, input_ids, attention_mask, prefix, cache),
-            _continue(gated_model, input_ids, attention_mask, prefix, cache),
-        ],
-        dim=1,
-    )
-    _assert_equal_where_real(logits, full, attention_mask)
+    _assert_decoding_equals_the_full_forward(gated_model, input_ids, attention_mask, 5, cache)
     assert all(type(layer) is OtherLayer and not hasattr(layer, "gate_sum") for layer in cache.layers)
 
 

@@ -354,6 +354,12 @@ def test_greedy_generate_equals_step_by_step_argmax(media_config):
 def test_packed_row_equals_its_sequences_one_by_one(media_config, attn_implementation):
     model = build_model(media_config, attn_implementation)
     make_gates_vary(model)
+    assert_packed_row_equals_its_sequences(model)
+
+
+def assert_packed_row_equals_its_sequences(model, mask_of_lengths=None) -> None:
+    """A row packing a text-only sequence between two with an image and a clip (positions restarting at each) gives
+    the logits of each sequence run alone. `mask_of_lengths(lengths)`, if given, is the packed row's attention mask."""
     first = multimodal_batch(batch_size=1)
     second_ids = torch.randint(5, 96, (1, 9))
     third = multimodal_batch(batch_size=1, text_before=1, text_after=2)
@@ -364,6 +370,8 @@ def test_packed_row_equals_its_sequences_one_by_one(media_config, attn_implement
         "pixel_values": torch.cat([first["pixel_values"], third["pixel_values"]]),
         "input_features": torch.cat([first["input_features"], third["input_features"]]),
     }
+    if mask_of_lengths is not None:
+        packed["attention_mask"] = mask_of_lengths(lengths)
     with torch.no_grad():
         packed_logits = model(**packed).logits
         alone = [model(**first).logits, model(input_ids=second_ids).logits, model(**third).logits]

@@ -672,16 +672,20 @@ class _Handler(BaseHTTPRequestHandler):
     def _decode(self, token_ids: list[int]) -> str:
         return self.app.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def _next_token(self, handle: RequestHandle, deadline: float) -> int | None:
+        """The request's next token (None when it has finished), checking the client and the deadline meanwhile."""
+        while True:
+            try:
+                return handle.next_token(_POLL_S)
+            except TimeoutError:
+                self._check_waiting(handle, deadline)
+
     def _complete(self, handle: RequestHandle, prompt_tokens: int, deadline: float, stop: StopStrings) -> None:
         tokens, content, is_stopped = [], "", False
         try:
             # with stop strings, read the tokens as they come, to cancel the request as soon as one appears
             while stop and not is_stopped:
-                try:
-                    token = handle.next_token(_POLL_S)
-                except TimeoutError:
-                    self._check_waiting(handle, deadline)
-                    continue
+                token = self._next_token(handle, deadline)
                 if token is None:
                     break
                 tokens.append(token)
@@ -729,11 +733,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._send_event({**envelope, "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
             while not is_stopped:
-                try:
-                    token = handle.next_token(_POLL_S)
-                except TimeoutError:
-                    self._check_waiting(handle, deadline)
-                    continue
+                token = self._next_token(handle, deadline)
                 if token is None:
                     break
                 tokens.append(token)

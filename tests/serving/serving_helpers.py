@@ -4,12 +4,18 @@ that fail a test instead of hanging it."""
 import threading
 import time
 
+import openai
 import torch
 from conftest import TINY_MEDIA_KWARGS, TINY_TEXT_KWARGS
 
-from deepseekv3 import DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration
+from deepseekv3 import (
+    DeepseekV3MultimodalConfig,
+    DeepseekV3MultimodalForConditionalGeneration,
+    DeepseekV3MultimodalProcessor,
+)
 from deepseekv3.serving import LengthPredictor, LengthPredictorConfig, LengthRecord
 from deepseekv3.serving.latent_batch import LatentBatch
+from deepseekv3.tokenization import load_default_tokenizer
 
 IMAGE_ID, AUDIO_ID = TINY_MEDIA_KWARGS["image_token_id"], TINY_MEDIA_KWARGS["audio_token_id"]
 NUM_IMAGE_TOKENS = (TINY_MEDIA_KWARGS["image_size"] // TINY_MEDIA_KWARGS["patch_size"]) ** 2
@@ -26,6 +32,44 @@ def tiny_media_model(seed: int = 0, **overrides) -> DeepseekV3MultimodalForCondi
         use_image_position_values=True,
     )
     return DeepseekV3MultimodalForConditionalGeneration(config).eval()
+
+
+def served_processor_and_model(seed: int = 0, **media_overrides) -> tuple:
+    """The model the server tests serve, with its processor: the tiny configuration with the default tokenizer's
+    vocabulary, media (`media_overrides` over `TINY_MEDIA_KWARGS`) and the attention gate on, seeded, in eval mode."""
+    tokenizer = load_default_tokenizer()
+    config = DeepseekV3MultimodalConfig(
+        **{**TINY_TEXT_KWARGS, "vocab_size": len(tokenizer)},
+        **{**TINY_MEDIA_KWARGS, **media_overrides},
+        use_attention_gate=True,
+    )
+    torch.manual_seed(seed)
+    model = DeepseekV3MultimodalForConditionalGeneration(config).eval()
+    return DeepseekV3MultimodalProcessor.from_config(config, tokenizer), model
+
+
+# ---- OpenAI-client requests to a served model named `MODEL_NAME` ----
+
+MODEL_NAME = "tiny"
+MESSAGES = [{"role": "user", "content": "What is red?"}]
+
+
+def ask(client: openai.OpenAI, messages=MESSAGES, stream: bool = False) -> str:
+    """The answer's text (the streamed deltas joined)."""
+    if not stream:
+        response = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8)
+        return response.choices[0].message.content
+    chunks = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, stream=True)
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+
+
+def error_of(call) -> openai.APIError | None:
+    """The `openai.APIError` that `call()` raises, or None."""
+    try:
+        call()
+    except openai.APIError as error:
+        return error
+    return None
 
 
 def text_ids(generator: torch.Generator, length: int) -> list[int]:

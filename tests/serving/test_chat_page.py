@@ -23,23 +23,15 @@ import wave
 import httpx
 import numpy as np
 import pytest
-import torch
-from conftest import TINY_MEDIA_KWARGS, TINY_TEXT_KWARGS
 from PIL import Image
-from serving_helpers import wait_until
+from serving_helpers import served_processor_and_model, wait_until
 
-from deepseekv3 import (
-    DeepseekV3MultimodalConfig,
-    DeepseekV3MultimodalForConditionalGeneration,
-    DeepseekV3MultimodalProcessor,
-)
 from deepseekv3.data import draw_shapes, synthesize_tones
 from deepseekv3.data.shapes import sample_shapes
 from deepseekv3.serving import Engine, EngineConfig
 from deepseekv3.serving import server as server_module
 from deepseekv3.serving.launch import build_server
 from deepseekv3.serving.server import ChatServer, ServerConfig
-from deepseekv3.tokenization import load_default_tokenizer
 
 CHROMIUM = "/usr/bin/chromium"
 MODEL_NAME = "tiny-chat"
@@ -81,14 +73,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def processor_and_model():
-    tokenizer = load_default_tokenizer()
-    media = {**TINY_MEDIA_KWARGS, "audio_max_frames": 64}  # 0.64 s: room for a short recording
-    config = DeepseekV3MultimodalConfig(
-        **{**TINY_TEXT_KWARGS, "vocab_size": len(tokenizer)}, **media, use_attention_gate=True
-    )
-    torch.manual_seed(0)
-    model = DeepseekV3MultimodalForConditionalGeneration(config).eval()
-    return DeepseekV3MultimodalProcessor.from_config(config, tokenizer), model
+    return served_processor_and_model(audio_max_frames=64)  # 0.64 s: room for a short recording
 
 
 @pytest.fixture(scope="module")

@@ -23,39 +23,24 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import TINY_MEDIA_KWARGS, TINY_TEXT_KWARGS
 from PIL import Image, ImageFile
-from serving_helpers import wait_until
+from serving_helpers import MESSAGES, MODEL_NAME, ask, error_of, served_processor_and_model, wait_until
 
-from deepseekv3 import (
-    DeepseekV3MultimodalConfig,
-    DeepseekV3MultimodalForConditionalGeneration,
-    DeepseekV3MultimodalProcessor,
-)
 from deepseekv3.cli import main
 from deepseekv3.serving import Engine, EngineConfig
 from deepseekv3.serving import launch as launch_module
 from deepseekv3.serving import server as server_module
 from deepseekv3.serving.launch import build_server
 from deepseekv3.serving.server import ChatServer, ServerConfig
-from deepseekv3.tokenization import load_default_tokenizer
 
-MODEL_NAME = "tiny"
 API_KEY = "test-key-0123"
 SOCKET_TIMEOUT_S = 3.0  # the served process's; generous for a loaded 2-core machine
 MAX_CONNECTIONS = 6
-MESSAGES = [{"role": "user", "content": "What is red?"}]
 
 
 @pytest.fixture(scope="module")
 def processor_and_model():
-    tokenizer = load_default_tokenizer()
-    config = DeepseekV3MultimodalConfig(
-        **{**TINY_TEXT_KWARGS, "vocab_size": len(tokenizer)}, **TINY_MEDIA_KWARGS, use_attention_gate=True
-    )
-    torch.manual_seed(0)
-    model = DeepseekV3MultimodalForConditionalGeneration(config).eval()
-    return DeepseekV3MultimodalProcessor.from_config(config, tokenizer), model
+    return served_processor_and_model()
 
 
 @pytest.fixture(scope="module")
@@ -70,22 +55,6 @@ def model_dir(tmp_path_factory, processor_and_model):
 def openai_client(url: str, api_key: str = API_KEY, timeout: float = 30.0) -> openai.OpenAI:
     """No retries: each call is one request, so each error is the server's answer to it."""
     return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=timeout)
-
-
-def ask(client: openai.OpenAI, messages=MESSAGES, stream: bool = False) -> str:
-    if not stream:
-        response = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8)
-        return response.choices[0].message.content
-    chunks = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, stream=True)
-    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
-
-
-def error_of(call) -> openai.APIError | None:
-    try:
-        call()
-    except openai.APIError as error:
-        return error
-    return None
 
 
 def expected_answer(processor, model, messages=MESSAGES) -> str:

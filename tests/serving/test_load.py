@@ -25,21 +25,16 @@ from dataclasses import dataclass, field
 
 import openai
 import pytest
-import torch
-from conftest import TINY_MEDIA_KWARGS, TINY_TEXT_KWARGS
-from serving_helpers import wait_until
+from serving_helpers import served_processor_and_model, wait_until
 from transformers import AutoModelForCausalLM
 
 from deepseekv3 import (
-    DeepseekV3MultimodalConfig,
-    DeepseekV3MultimodalForConditionalGeneration,
     DeepseekV3MultimodalProcessor,
 )
 from deepseekv3.serving import EngineConfig
 from deepseekv3.serving import server as server_module
 from deepseekv3.serving.launch import build_server
 from deepseekv3.serving.server import ServerConfig
-from deepseekv3.tokenization import load_default_tokenizer
 
 MODEL_NAME = "tiny"
 NUM_REQUESTS, NUM_CLIENTS = 1000, 64
@@ -78,15 +73,11 @@ server.stop()
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tokenizer = load_default_tokenizer()
-    config = DeepseekV3MultimodalConfig(
-        **{**TINY_TEXT_KWARGS, "vocab_size": len(tokenizer)}, **TINY_MEDIA_KWARGS, use_attention_gate=True
-    )
-    torch.manual_seed(2)  # a random model answers many prompts alike; this seed tells more of them apart
-    model = DeepseekV3MultimodalForConditionalGeneration(config).eval()
+    # a random model answers many prompts alike; this seed tells more of them apart
+    processor, model = served_processor_and_model(seed=2)
     directory = tmp_path_factory.mktemp("saved") / MODEL_NAME
     model.save_pretrained(directory)
-    DeepseekV3MultimodalProcessor.from_config(config, tokenizer).save_pretrained(directory)
+    processor.save_pretrained(directory)
     return directory
 
 

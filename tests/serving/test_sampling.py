@@ -5,19 +5,12 @@ OpenAI's sampling fields and stop strings (through the official `openai` client)
 import openai
 import pytest
 import torch
-from conftest import TINY_MEDIA_KWARGS, TINY_TEXT_KWARGS
-from serving_helpers import generate_one, mixed_requests, text_ids, tiny_media_model
+from serving_helpers import generate_one, mixed_requests, served_processor_and_model, text_ids, tiny_media_model
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
-from deepseekv3 import (
-    DeepseekV3MultimodalConfig,
-    DeepseekV3MultimodalForConditionalGeneration,
-    DeepseekV3MultimodalProcessor,
-)
 from deepseekv3.serving import Engine, EngineConfig, SamplingParams
 from deepseekv3.serving.sampling import OpenAIPenaltyLogitsProcessor, StopStrings, TokenSampler
 from deepseekv3.serving.server import ChatServer, ServerConfig
-from deepseekv3.tokenization import load_default_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -225,13 +218,7 @@ MESSAGES = [{"role": "user", "content": "Name a colour."}]
 
 @pytest.fixture(scope="module")
 def processor_and_model():
-    tokenizer = load_default_tokenizer()
-    config = DeepseekV3MultimodalConfig(
-        **{**TINY_TEXT_KWARGS, "vocab_size": len(tokenizer)}, **TINY_MEDIA_KWARGS, use_attention_gate=True
-    )
-    torch.manual_seed(0)
-    model = DeepseekV3MultimodalForConditionalGeneration(config).eval()
-    return DeepseekV3MultimodalProcessor.from_config(config, tokenizer), model
+    return served_processor_and_model()
 
 
 @pytest.fixture(scope="module")

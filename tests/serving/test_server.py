@@ -19,36 +19,33 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import TINY_MEDIA_KWARGS, TINY_TEXT_KWARGS
 from PIL import Image
-from serving_helpers import FAULT_STAGES, inject_fault, raise_injected_fault, run_in_thread, wait_until
-
-from deepseekv3 import (
-    DeepseekV3MultimodalConfig,
-    DeepseekV3MultimodalForConditionalGeneration,
-    DeepseekV3MultimodalProcessor,
+from serving_helpers import (
+    FAULT_STAGES,
+    MESSAGES,
+    MODEL_NAME,
+    ask,
+    error_of,
+    inject_fault,
+    raise_injected_fault,
+    run_in_thread,
+    served_processor_and_model,
+    wait_until,
 )
+
 from deepseekv3.cli import main
 from deepseekv3.serving import Engine, EngineConfig, LengthPredictor, LengthPredictorConfig
 from deepseekv3.serving import server as server_module
 from deepseekv3.serving.launch import build_server
 from deepseekv3.serving.router import Router
 from deepseekv3.serving.server import ChatServer, ServerConfig
-from deepseekv3.tokenization import load_default_tokenizer
 
-MODEL_NAME = "tiny"
 MAX_BYTES = 64 * 1024
 
 
 @pytest.fixture(scope="module")
 def processor_and_model():
-    tokenizer = load_default_tokenizer()
-    config = DeepseekV3MultimodalConfig(
-        **{**TINY_TEXT_KWARGS, "vocab_size": len(tokenizer)}, **TINY_MEDIA_KWARGS, use_attention_gate=True
-    )
-    torch.manual_seed(0)
-    model = DeepseekV3MultimodalForConditionalGeneration(config).eval()
-    return DeepseekV3MultimodalProcessor.from_config(config, tokenizer), model
+    return served_processor_and_model()
 
 
 @pytest.fixture(scope="module")
@@ -271,8 +268,6 @@ def test_serve_command_reports_a_missing_model(tmp_path):
 
 # ---- faults, timeouts, disconnects and stopping, through the official openai client -----------------------------
 
-MESSAGES = [{"role": "user", "content": "What is red?"}]
-
 
 @contextlib.contextmanager
 def running_server(processor, model, engine_config: EngineConfig | None = None, **options):
@@ -313,23 +308,6 @@ def record_handles(engine: Engine, patch) -> list:
     return handles
 
 
-def ask(client: openai.OpenAI, stream: bool = False) -> str:
-    """The answer's text (the streamed deltas joined)."""
-    if not stream:
-        response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=8)
-        return response.choices[0].message.content
-    chunks = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=8, stream=True)
-    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
-
-
-def error_of(call) -> openai.APIError | None:
-    try:
-        call()
-    except openai.APIError as error:
-        return error
-    return None
-
-
 @pytest.mark.parametrize("stage", FAULT_STAGES)
 def test_engine_fault_gives_every_client_an_error_and_health_the_reason(processor_and_model, monkeypatch, stage):
     processor, model = processor_and_model
@@ -339,7 +317,7 @@ def test_engine_fault_gives_every_client_an_error_and_health_the_reason(processo
         with monkeypatch.context() as patch:
             inject_fault(stage, server.engine, patch)
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                calls = [lambda stream=stream: ask(client, stream) for stream in (False, False, True, True)]
+                calls = [lambda stream=stream: ask(client, stream=stream) for stream in (False, False, True, True)]
                 errors = list(pool.map(error_of, calls))
             assert all(isinstance(error, openai.APIError) for error in errors), errors
             for error in errors[:2]:
@@ -373,7 +351,7 @@ def test_a_stuck_engine_answers_within_the_request_timeout(processor_and_model, 
         release = hold_engine(server.engine, monkeypatch)
         try:
             for stream in (False, True):
-                error = run_in_thread(lambda stream=stream: error_of(lambda: ask(client, stream)))
+                error = run_in_thread(lambda stream=stream: error_of(lambda: ask(client, stream=stream)))
                 assert isinstance(error, openai.APIError) and "within 1.0 s" in error.message, error
                 if not stream:
                     assert error.status_code == 504
