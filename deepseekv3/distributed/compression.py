@@ -56,6 +56,13 @@ _CODE_OFFSET = 8
 _SCALE_BYTES = 4  # one fp32 scale per chunk
 
 
+# Every hook group, kept until the interpreter exits. The exchange's callbacks run on the gloo worker thread and are
+# released there; were the last reference to their group dropped on that thread (the state freed, then
+# `destroy_process_group` run by the main thread while a callback was still finishing), the group's destructor would
+# join the thread it runs on and abort the process ("Resource deadlock avoided"). One small group per state.
+_HOOK_GROUPS: list[dist.ProcessGroup] = []
+
+
 def quantize_4bit(values: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantises `values` to 4-bit codes, one scale per chunk of `chunk_size` consecutive values.
 
@@ -144,7 +151,9 @@ class FourBitCompressionState:
         # Only the group's members call this (use_local_synchronization), so a state may be built for a subgroup.
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         ranks = dist.get_process_group_ranks(group)
-        return dist.new_group(ranks, backend=dist.get_backend(group), use_local_synchronization=True)
+        hook_group = dist.new_group(ranks, backend=dist.get_backend(group), use_local_synchronization=True)
+        _HOOK_GROUPS.append(hook_group)
+        return hook_group
 
     def _group_for_hook(self) -> dist.ProcessGroup:
         if self._hook_group is None:
