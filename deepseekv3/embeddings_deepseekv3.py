@@ -152,8 +152,7 @@ class DeepseekV3MultimodalEmbeddingsMixin:
         input_features: torch.FloatTensor | None,
         input_features_mask: torch.Tensor | None,
     ) -> tuple[torch.FloatTensor, torch.LongTensor]:
-        block_sequence_ids = torch.full_like(input_ids, -1)
-        num_images = 0
+        num_images, tokens_per_clip = 0, None
         image_mask = self._placeholder_mask(input_ids, "image", pixel_values is not None)
         if pixel_values is not None:
             image_features = self.get_image_embeddings(pixel_values)  # (num_images, tokens, hidden)
@@ -162,17 +161,14 @@ class DeepseekV3MultimodalEmbeddingsMixin:
             inputs_embeds = inputs_embeds.masked_scatter(
                 image_mask.unsqueeze(-1), image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds)
             )
-            image_index = torch.arange(num_images, device=input_ids.device).repeat_interleave(tokens_per_image)
-            block_sequence_ids = block_sequence_ids.masked_scatter(image_mask, image_index)
         audio_mask = self._placeholder_mask(input_ids, "audio", input_features is not None)
         if input_features is not None:
             audio_features, tokens_per_clip = self.get_audio_embeddings(input_features, input_features_mask)
             self._check_placeholder_count("audio", audio_mask, audio_features.shape[0], len(tokens_per_clip))
             inputs_embeds = inputs_embeds.masked_scatter(audio_mask.unsqueeze(-1), audio_features.to(inputs_embeds))
-            clip_index = torch.arange(len(tokens_per_clip), device=input_ids.device) + num_images
-            block_sequence_ids = block_sequence_ids.masked_scatter(
-                audio_mask, clip_index.repeat_interleave(tokens_per_clip)
-            )
+        block_sequence_ids = media_span_ids(
+            input_ids, image_mask, num_images, self.config.num_image_tokens, audio_mask, tokens_per_clip
+        )
         return inputs_embeds, block_sequence_ids
 
     def _placeholder_mask(self, input_ids: torch.LongTensor, modality: str, has_media: bool) -> torch.Tensor:
@@ -243,6 +239,38 @@ class DeepseekV3MultimodalEmbeddingsMixin:
         frames = frames.transpose(1, 2)  # (num_clips, frames // stride, hidden)
         is_real = torch.arange(frames.shape[1], device=frames.device) < tokens_per_clip[:, None]
         return frames[is_real], tokens_per_clip
+
+
+def media_span_ids(
+    input_ids: torch.LongTensor,
+    image_mask: torch.Tensor,
+    num_images: int,
+    tokens_per_image: int,
+    audio_mask: torch.Tensor,
+    tokens_per_clip: torch.LongTensor | None,
+) -> torch.LongTensor:
+    """The media span of each position: images numbered first, then clips, in order of appearance; -1 for text.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `(batch, seq_len)`).
+        image_mask (`torch.Tensor` of shape `(batch, seq_len)`): the image placeholder positions.
+        num_images (`int`): how many images fill them (0: no image), each with `tokens_per_image` positions.
+        tokens_per_image (`int`): placeholders per image (`config.num_image_tokens`).
+        audio_mask (`torch.Tensor` of shape `(batch, seq_len)`): the audio placeholder positions.
+        tokens_per_clip (`torch.LongTensor` of shape `(num_clips,)`, *optional*): placeholders per clip
+            (`audio_tokens_per_clip`); `None` without audio.
+
+    Returns:
+        `torch.LongTensor` of shape `(batch, seq_len)`: the `block_sequence_ids` that open each span both ways.
+    """
+    span_ids = torch.full_like(input_ids, -1)
+    if num_images:
+        image_index = torch.arange(num_images, device=input_ids.device).repeat_interleave(tokens_per_image)
+        span_ids = span_ids.masked_scatter(image_mask, image_index)
+    if tokens_per_clip is not None:
+        clip_index = torch.arange(len(tokens_per_clip), device=input_ids.device) + num_images
+        span_ids = span_ids.masked_scatter(audio_mask, clip_index.repeat_interleave(tokens_per_clip))
+    return span_ids
 
 
 def audio_tokens_per_clip(

@@ -460,6 +460,25 @@ class DeepseekV3MultimodalModel(
         inputs_embeds, block_sequence_ids = self.embed_inputs(
             input_ids, inputs_embeds, pixel_values, input_features, input_features_mask, mm_token_type_ids
         )
+        return self.decode(
+            inputs_embeds, input_ids, attention_mask, position_ids, cache, use_cache, block_sequence_ids, **kwargs
+        )
+
+    def decode(
+        self,
+        inputs_embeds: torch.FloatTensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        block_sequence_ids: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> DeepseekV3MultimodalModelOutputWithPast:
+        """The decoder layers and final norm on embeddings already made: what `forward` runs after `embed_inputs`,
+        and what a pipeline stage after the first (`deepseekv3.distributed.pipeline`) runs on the hidden states it
+        receives. `input_ids` place the image patches (position values), `block_sequence_ids` (`media_span_ids`)
+        the media spans opened both ways; the other arguments are `forward`'s."""
         packed_sequence_ids = _packed_sequence_ids(position_ids, attention_mask, cache, inputs_embeds.shape[0])
         past_length = cache.get_seq_length() if cache is not None else 0
         if not torch.compiler.is_compiling():

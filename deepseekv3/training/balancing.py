@@ -54,6 +54,8 @@ class ExpertLoadBalancer:
         update_rate (`float`, *optional*): `gamma`; defaults to the model config's `router_bias_update_rate`.
         process_group (*optional*): the data-parallel group the loads are all-reduced over; defaults to the whole
             world when `torch.distributed` is initialised.
+        all_reduce (`bool`, *optional*, defaults to `True`): `False` keeps each rank's own loads (a pipeline stage
+            without data-parallel replicas, whose layers no other rank holds).
 
     Example (a plain Accelerate loop):
 
@@ -71,7 +73,9 @@ class ExpertLoadBalancer:
     ```
     """
 
-    def __init__(self, model: nn.Module, update_rate: float | None = None, process_group=None):
+    def __init__(
+        self, model: nn.Module, update_rate: float | None = None, process_group=None, all_reduce: bool = True
+    ):
         named = [(name, module) for name, module in model.named_modules() if isinstance(module, DeepseekV3TopkRouter)]
         if not named:
             raise ValueError("the model has no MoE router (DeepseekV3TopkRouter) to balance")
@@ -87,6 +91,7 @@ class ExpertLoadBalancer:
             raise ValueError(f"update_rate ({update_rate}) must be non-negative")
         self.update_rate = update_rate
         self.process_group = process_group
+        self.all_reduce = all_reduce
         bias = self.routers[0].e_score_correction_bias
         self._step_load = torch.zeros(len(self.routers), bias.numel(), device=bias.device)
         self._interval_load = torch.zeros_like(self._step_load)
@@ -111,7 +116,7 @@ class ExpertLoadBalancer:
             `torch.Tensor` of shape `(num_moe_layers, num_experts)`: the step's loads, summed over ranks.
         """
         load = self._step_load
-        if dist.is_available() and dist.is_initialized():
+        if self.all_reduce and dist.is_available() and dist.is_initialized():
             dist.all_reduce(load, group=self.process_group)
         for router, layer_load in zip(self.routers, load):
             bias = router.e_score_correction_bias

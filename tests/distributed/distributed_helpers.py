@@ -43,11 +43,16 @@ def _run(command: list[str], env: dict[str, str]) -> None:
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
 
 
+def run_script(num_processes: int, script: str | Path, *args: str) -> None:
+    """Runs `SCRIPT ARGS...` (a path from the repository root) in `num_processes` gloo processes under torchrun."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}"]
+    command += ["--master_addr=127.0.0.1", f"--master_port={free_port()}", str(REPO / script), *args]
+    _run(command, _env())
+
+
 def run_torchrun(num_processes: int, worker: str, *args: str) -> None:
     """Runs `workers.py WORKER ARGS...` in `num_processes` gloo processes."""
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}"]
-    command += ["--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKERS), worker, *args]
-    _run(command, _env())
+    run_script(num_processes, WORKERS, worker, *args)
 
 
 def run_accelerate(config: str, *args: str, **env: str) -> None:
