@@ -3,12 +3,21 @@ decoding, chosen per request).
 
 Requests (token ids, with images and audio as the processor returns them) enter a bounded queue and come back as
 futures and token streams (`RequestHandle`). At every decoding step the engine drops cancelled and timed-out
-requests, admits waiting ones while a slot and the token budget allow (in arrival order; with a trained
-`LengthPredictor`, the oldest first and then those whose predicted total length is closest to the batch's), prefills
-them (text prompts together, padded only to their own longest; prompts with media or a cached prefix one by one),
-and decodes one token for every request of the batch on a shared left-padded MLA latent cache (`LatentBatch`).
-Requests leave the batch the step they finish. A `SelfTuningScheduler` may choose the batch size and token budget
-online.
+requests, admits waiting ones while a slot and the token budget allow, prefills them (text prompts together, padded
+only to their own longest; prompts with media or a cached prefix one by one), and decodes one token for every request
+of the batch on a shared left-padded MLA latent cache (`LatentBatch`). Requests leave the batch the step they finish.
+A `SelfTuningScheduler` may choose the batch size and token budget online.
+
+The token budget bounds what the cache really holds: rows x the longest row, padding included. Admission charges the
+batch's padded cache over its coming steps (`padded_peak`), each request running to its predicted length
+(`max_new_tokens` without a trained `LengthPredictor`, or once it has outgrown its prediction). The oldest waiting
+request goes first; when it does not fit, younger ones may pass it once, then nothing passes it until it fits. The
+others follow in arrival order (with a trained predictor, those whose predicted total length is closest to the
+batch's first). Before every decoding step the actual cache is charged again; when the step would take it over the
+budget, the youngest requests are preempted: their rows are dropped and they wait again, in arrival order, to be
+prefilled later on their prompt plus the tokens they have generated (recomputation), which continues them with the
+same tokens as an uninterrupted run. The oldest running request is never preempted: alone, a request always runs (it
+fits the largest budget, checked at `submit`), even when a scheduler's current setting has a smaller one.
 
 transformers' own continuous batching (`generate_batch`, transformers 5.24) does not run this model: its paged
 cache has no `get_seq_length` (the model's forward fails with `AttributeError: 'PagedAttentionCache' object has no
@@ -29,9 +38,11 @@ engine unhealthy after `max_consecutive_faults` failed steps in a row, until a s
 """
 
 import asyncio
+import bisect
 import concurrent.futures
 import functools
 import json
+import math
 import queue
 import threading
 import time
@@ -46,7 +57,7 @@ from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 from transformers.utils import logging
 
 from ..embeddings_deepseekv3 import audio_tokens_per_clip
-from .latent_batch import LatentBatch, cache_from_layers, cache_layers
+from .latent_batch import LatentBatch, cache_from_layers, cache_layers, padded_peak, select_rows
 from .length_predictor import LengthPredictor, LengthRecord
 from .prefix_cache import PrefixCache, PrefixEntry, media_digest
 from .sampling import SamplingParams, TokenSampler
@@ -102,7 +113,8 @@ class RequestTimeoutError(TimeoutError):
 
 
 class RequestTooLargeError(ValueError):
-    """The request can never fit: its prompt plus `max_new_tokens` exceed the model's positions or the token budget."""
+    """The request can never fit, even alone: its prompt plus `max_new_tokens` exceed the model's positions or the
+    token budget."""
 
 
 @dataclass
@@ -111,8 +123,8 @@ class EngineConfig:
 
     Args:
         max_batch_size (`int`, defaults to 16): most requests decoding together (when no scheduler chooses it).
-        max_batch_tokens (`int`, defaults to 4096): token budget of the batch: the summed final lengths (prompt +
-            `max_new_tokens`, or the predicted length with a trained predictor) of its requests.
+        max_batch_tokens (`int`, defaults to 4096): token budget of the batch: the most positions its cache holds,
+            rows x the longest row (padding included).
         max_queue_size (`int`, defaults to 256): most requests waiting; past it `submit` raises
             `EngineOverloadedError`.
         default_max_new_tokens (`int`, defaults to 32): `max_new_tokens` of a request that names none.
@@ -282,7 +294,8 @@ class _Request:
     arrival: float
     deadline: float | None
     sampler: TokenSampler | None = None  # None: plain greedy (the batch's argmax)
-    predicted_total: float = 0.0
+    predicted_new_tokens: int = 0
+    passed_over: bool = False  # younger requests were admitted while it waited as the oldest
     generated: list[int] = field(default_factory=list)
     admitted: float = 0.0
     first_token: float = 0.0
@@ -291,6 +304,21 @@ class _Request:
     @property
     def request_id(self) -> int:
         return self.handle.request_id
+
+    @property
+    def predicted_total(self) -> int:
+        return len(self.input_ids) + self.predicted_new_tokens
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """The prompt and the tokens generated before a preemption: what its (next) prefill computes."""
+        return self.input_ids + self.generated
+
+    def padded_row(self, emitted: int) -> tuple[int, int]:
+        """Its `(length, steps)` for `padded_peak` once `emitted` tokens are out: the positions it caches at its next
+        decoding step, and the steps it runs to its predicted length (to `max_new_tokens` once outgrown)."""
+        final = self.predicted_new_tokens if self.predicted_new_tokens > len(self.generated) else self.max_new_tokens
+        return len(self.input_ids) + emitted, final - emitted
 
     def is_finished(self, stop_ids: set[int]) -> bool:
         return len(self.generated) >= self.max_new_tokens or self.generated[-1] in stop_ids
@@ -357,6 +385,7 @@ class Engine:
             "faults": 0,
             "peak_batch_size": 0,
             "peak_cache_positions": 0,
+            "preempted": 0,
             "stopped_in_flight": 0,
         }
 
@@ -374,6 +403,11 @@ class Engine:
     @property
     def num_pending(self) -> int:
         return self._num_pending
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes the decoding batch's cache tensors hold."""
+        return self._batch.nbytes
 
     @property
     def health(self) -> EngineHealth:
@@ -551,7 +585,7 @@ class Engine:
         if total > budget:
             raise RequestTooLargeError(
                 f"prompt ({prompt_length} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
-                f"engine's token budget ({budget}); this request can never be served"
+                f"engine's token budget ({budget} cached positions); this request can never be served, even alone"
             )
 
     # ---- the loop ---------------------------------------------------------------------------------------------
@@ -616,17 +650,18 @@ class Engine:
         forward pass ran. A failure fails the requests it concerns (see the module docstring), never the caller."""
         with self._model_lock:
             started = time.perf_counter()
-            stage, admitted = "length prediction", []
+            stage, admitted, setting = "length prediction", [], self.setting
             try:
                 self._take_incoming()
                 stage = "cache compaction"
                 self._drop_cancelled_and_expired(time.monotonic())
                 stage = "admission"
-                admitted = self._choose_admissions(self.setting)
+                admitted = self._choose_admissions(setting)
                 stage = "prefill"
                 tokens = self._prefill(admitted) if admitted else 0
                 if self._active:
                     stage = "decode"
+                    self._preempt(setting.max_batch_tokens)
                     decoded, kept = self._decode()
                     tokens += decoded
                     stage = "cache compaction"
@@ -677,7 +712,7 @@ class Engine:
             # may raise: the requests stay queued until predicted, so the fault fails them with the others
             new_tokens = self.length_predictor.predict([r.input_ids for r in arrived], new_tokens)
         for request, predicted in zip(arrived, new_tokens):
-            request.predicted_total = len(request.input_ids) + predicted
+            request.predicted_new_tokens = math.ceil(predicted)
         with self._lock:
             for _ in arrived:  # submit only appends, so the oldest are the ones predicted
                 self._incoming.popleft()
@@ -715,37 +750,60 @@ class Engine:
         return False
 
     def _choose_admissions(self, setting: SchedulerSetting) -> list[_Request]:
+        """The waiting requests to admit while a slot is free and the batch's padded cache over its coming steps stays
+        within the token budget (see the module docstring)."""
         free = setting.max_batch_size - len(self._active)
         if free <= 0 or not self._waiting:
             return []
-        used = sum(request.predicted_total for request in self._active.values())
-        is_predicted = self.length_predictor is not None and self.length_predictor.is_trained
-        order = list(self._waiting)
-        if is_predicted:
-            # the oldest first (no starvation), then the requests of the most similar predicted total length
-            group = [*self._active.values(), order[0]]
+        rows = [request.padded_row(len(request.generated)) for request in self._active.values()]
+        oldest, *order = self._waiting  # in arrival order
+        if self.length_predictor is not None and self.length_predictor.is_trained:
+            # after the oldest, the requests of the most similar predicted total length
+            group = [*self._active.values(), oldest]
             anchor = sum(request.predicted_total for request in group) / len(group)
-            order = [order[0], *sorted(order[1:], key=lambda request: abs(request.predicted_total - anchor))]
+            order.sort(key=lambda request: abs(request.predicted_total - anchor))
         admitted = []
-        for request in order:
+        for request in [oldest, *order]:
             if len(admitted) == free:
                 break
-            if used + request.predicted_total > setting.max_batch_tokens:
-                if is_predicted:
-                    continue
-                break  # strict arrival order without a predictor
-            admitted.append(request)
-            used += request.predicted_total
+            row = request.padded_row(len(request.generated) + 1)  # its prefill emits a token
+            if padded_peak([*rows, row]) <= setting.max_batch_tokens:
+                admitted.append(request)
+                rows.append(row)
+            elif request is oldest and oldest.passed_over:
+                break  # its room is reserved: nothing younger goes ahead while the batch shrinks
+        if admitted and admitted[0] is not oldest:
+            oldest.passed_over = True
         if not admitted and not self._active:
-            admitted = [order[0]]  # fits the largest budget (checked at submit), so it runs alone
+            admitted = [oldest]  # fits the largest budget (checked at submit), so it runs alone
         chosen = {request.request_id for request in admitted}
         self._waiting = [request for request in self._waiting if request.request_id not in chosen]
         with self._lock:
             self._num_pending -= len(admitted)
         now = time.monotonic()
         for request in admitted:
-            request.admitted = now
+            request.admitted = request.admitted or now  # a preempted request keeps its first admission
         return admitted
+
+    def _preempt(self, budget: int) -> None:
+        """Before a decoding step: while the step would take the cache over `budget` positions, drops the youngest
+        row (never the last one, which fits the largest budget alone) and queues its request again in arrival order,
+        keeping its tokens, to be prefilled later on its prompt plus those tokens."""
+        running = sorted(self._active.values(), key=lambda request: request.request_id)
+        preempted = []
+        # the step feeds every row its pending token: rows x (longest prompt + generated tokens) positions
+        while len(running) > 1 and len(running) * max(len(r.input_ids) + len(r.generated) for r in running) > budget:
+            preempted.append(running.pop())
+        if not preempted:
+            return
+        dropped = {request.request_id for request in preempted}
+        self._batch.keep([row for row, rid in enumerate(self._batch.request_ids) if rid not in dropped])
+        for request in preempted:
+            del self._active[request.request_id]
+            bisect.insort(self._waiting, request, key=lambda waiting: waiting.request_id)
+        with self._lock:
+            self._num_pending += len(preempted)
+        self.stats["preempted"] += len(preempted)
 
     # ---- forward passes ---------------------------------------------------------------------------------------
 
@@ -800,12 +858,13 @@ class Engine:
         self.stats["failed"] += 1
 
     def _prefill_padded(self, requests: list[_Request]) -> tuple:
-        length = max(len(request.input_ids) for request in requests)
+        prompts = [request.prefill_ids for request in requests]
+        length = max(len(prompt) for prompt in prompts)
         input_ids = torch.full((len(requests), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros(len(requests), length, dtype=torch.long)
-        for row, request in enumerate(requests):
-            input_ids[row, length - len(request.input_ids) :] = torch.tensor(request.input_ids)
-            attention_mask[row, length - len(request.input_ids) :] = 1
+        for row, prompt in enumerate(prompts):
+            input_ids[row, length - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[row, length - len(prompt) :] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         device = self.model.device
         outputs = self.model(
@@ -826,10 +885,11 @@ class Engine:
             cache = cache_from_layers(entry.layers, self.model)
             media = _media_after(media, len(entry.image_digests), len(entry.clip_digests))
             request.cached_prefix_length = start
-        length = len(request.input_ids)
+        prompt = request.prefill_ids
+        length = len(prompt)
         attention_mask = torch.ones(1, length, dtype=torch.long, device=device)
         outputs = self.model(
-            input_ids=torch.tensor([request.input_ids[start:]], device=device),
+            input_ids=torch.tensor([prompt[start:]], device=device),
             attention_mask=attention_mask,
             position_ids=torch.arange(start, length, device=device)[None],
             cache=cache,
@@ -859,17 +919,17 @@ class Engine:
         now = time.monotonic()
         kept = []
         for row, (request, token) in enumerate(zip(requests, tokens.tolist())):
-            request.first_token = now
+            if not request.generated:  # a preempted request keeps its first token's time
+                request.first_token = now
             if self._append(request, token):
                 kept.append(row)
         if kept:
-            index = torch.tensor(kept, device=attention_mask.device)
-            layers = [tuple(tensor[index] for tensor in pair) for pair in cache_layers(cache)]
+            layers, mask = select_rows(cache, attention_mask, kept)
             self._batch.add(
                 [requests[row].request_id for row in kept],
                 cache_from_layers(layers, self.model),
-                attention_mask[index],
-                tokens[index],
+                mask,
+                tokens[torch.tensor(kept, device=tokens.device)],
             )
             for row in kept:
                 self._active[requests[row].request_id] = requests[row]
@@ -919,7 +979,7 @@ class Engine:
         return images, clips
 
     def _lookup_prefix(self, request: _Request) -> PrefixEntry | None:
-        return self.prefix_cache.lookup(request.input_ids, *self._digests(request.media))
+        return self.prefix_cache.lookup(request.prefill_ids, *self._digests(request.media))
 
     @torch.no_grad()
     def warm_up(self, prefixes: Sequence[Mapping[str, torch.Tensor] | Sequence[int]]) -> int:

@@ -6,13 +6,18 @@ kv_lora_rank)`) and the rotated single-head key (`k_rot`, `(rows, 1, kv_len, qk_
 the longer of the two, and the attention mask hides the padding. When rows leave, the columns that only held
 padding are dropped, so the batch is always padded to its own longest member and no further (elastic padding).
 Positions are per row (the request's own token count), exactly as `generate` computes them for a left-padded batch.
+
+Every row ends at the last column, so the cache holds `rows x longest row` positions, padding included (the same
+bytes for each: every layer's latent and rotated key); `padded_peak` projects that over the coming decoding steps.
 """
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-__all__ = ["LatentBatch", "cache_layers", "cache_from_layers", "left_pad_layers"]
+__all__ = ["LatentBatch", "cache_layers", "cache_from_layers", "left_pad_layers", "padded_peak", "select_rows"]
 
 
 def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -29,6 +34,37 @@ def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], model: Pr
 def left_pad_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> list[tuple[torch.Tensor, ...]]:
     """Left-pads every cache tensor with zeros along the sequence axis to `length` positions."""
     return [tuple(F.pad(tensor, (0, 0, length - tensor.shape[-2], 0)) for tensor in pair) for pair in layers]
+
+
+def select_rows(
+    cache: DynamicCache, attention_mask: torch.Tensor, rows: list[int]
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """`rows` of a left-padded cache (as `cache_layers` returns them) and of its mask `(rows, kv_len)`, without the
+    leading columns that hold only padding in those rows. The tensors are copies of exactly that size, so the dropped
+    rows and columns are freed."""
+    index = torch.tensor(rows, dtype=torch.long, device=attention_mask.device)
+    mask = attention_mask[index]
+    start = int(mask.any(dim=0).long().argmax())  # first column some kept row uses
+    layers = [tuple(tensor[..., start:, :][index] for tensor in pair) for pair in cache_layers(cache)]
+    return layers, mask[:, start:]
+
+
+def padded_peak(rows: Sequence[tuple[int, int]]) -> int:
+    """The most positions a batch's cache holds over its coming decoding steps, padding included.
+
+    Args:
+        rows (`Sequence[tuple[int, int]]`): `(length, steps)` of each row: the positions it caches at the next decoding
+            step, and how many decoding steps it runs (0: it never joins the batch).
+
+    At decoding step `t` (from 0) the rows with `steps > t` hold `length + t` positions each, padded to the longest,
+    so the cache holds `running rows x (longest length + t)`. That grows with `t` until a row leaves, so the peak is
+    at the last step of some row.
+    """
+    peak = 0
+    for steps in {steps for _, steps in rows if steps > 0}:
+        running = [length for length, other in rows if other >= steps]
+        peak = max(peak, len(running) * (max(running) + steps - 1))
+    return peak
 
 
 class LatentBatch:
@@ -60,6 +96,13 @@ class LatentBatch:
         """Cached positions per row, padding included."""
         return self.attention_mask.shape[1]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache tensors hold."""
+        if self.cache is None:
+            return 0
+        return sum(tensor.nbytes for pair in cache_layers(self.cache) for tensor in pair)
+
     def add(
         self,
         request_ids: list[int],
@@ -68,7 +111,8 @@ class LatentBatch:
         next_tokens: torch.Tensor,
     ) -> None:
         """Adds prefilled rows: their cache (`rows` = `len(request_ids)`), the mask over its positions `(rows,
-        kv_len)` and the first token each row feeds next."""
+        kv_len)` and the first token each row feeds next. Some row must use the first column (`select_rows` makes
+        sure of it), so the batch stays padded to its longest row."""
         device = attention_mask.device
         positions = attention_mask.sum(dim=1)
         if not self.request_ids:
@@ -98,12 +142,9 @@ class LatentBatch:
         if not rows:
             self._clear()
             return
-        index = torch.tensor(rows, dtype=torch.long)
-        mask = self.attention_mask[index]
-        start = int(mask.any(dim=0).long().argmax())  # first column some remaining row uses
-        layers = [tuple(tensor[index][..., start:, :] for tensor in pair) for pair in cache_layers(self.cache)]
+        layers, self.attention_mask = select_rows(self.cache, self.attention_mask, rows)
         self.cache = cache_from_layers(layers, self.model)
-        self.attention_mask = mask[:, start:]
+        index = torch.tensor(rows, dtype=torch.long, device=self.positions.device)
         self.request_ids = [self.request_ids[row] for row in rows]
         self.positions = self.positions[index]
         self.next_tokens = self.next_tokens[index]

@@ -25,7 +25,8 @@ class SchedulerSetting:
 
     Args:
         max_batch_size (`int`): most requests decoding together.
-        max_batch_tokens (`int`): token budget: the summed (predicted) final lengths of the batch's requests.
+        max_batch_tokens (`int`): token budget: the most positions the batch's cache holds, rows x the longest row
+            (padding included).
     """
 
     max_batch_size: int
