@@ -27,13 +27,19 @@ torch's PowerSGD hook chains its all-reduces. Collectives of one process group m
 every rank, and a callback runs whenever a collective completes, so the hook issues its collectives on a private
 process group (same ranks; DDP's own collectives, such as the unused-parameter all-reduce, stay on the user's) and
 starts a bucket only once the previous bucket's exchange has finished.
+
+The arithmetic is memory-bound, so it makes few passes and allocates nothing per step: each state reuses its scratch
+buffers (grown to the largest bucket, about `2.9 + 2.1 / world_size` times its fp32 bytes; on CPU, allocating
+bucket-sized tensors cost more page faults than the arithmetic itself), codes are packed with exact fp32 arithmetic,
+decoded by one gather from a 256-entry table (both values of a byte at once), and what quantisation dropped is
+computed while the codes travel. The results are bit-identical to quantising with [`quantize_4bit`] and decoding
+with [`dequantize_4bit`] step by step.
 """
 
 import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from transformers import TrainerCallback
 from transformers.utils import logging
@@ -53,7 +59,9 @@ logger = logging.get_logger(__name__)
 # Symmetric codes -7..7 around zero, stored as 1..15 in a nibble: zero is exact and the range is balanced.
 _MAX_CODE = 7
 _CODE_OFFSET = 8
+_ZERO_BYTE = _CODE_OFFSET | (_CODE_OFFSET << 4)  # both nibbles decode to 0.0
 _SCALE_BYTES = 4  # one fp32 scale per chunk
+_DECODE_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 # Every hook group, kept until the interpreter exits. The exchange's callbacks run on the gloo worker thread and are
@@ -77,35 +85,81 @@ def quantize_4bit(values: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, 
         `(packed, scales)`: `packed` uint8 of shape `(numel // 2,)` (value `2k` in the low nibble, `2k + 1` in the
         high one) and `scales` fp32 of shape `(numel // chunk_size,)`.
     """
-    packed, scales, _ = _quantize(values, chunk_size)
-    return packed, scales
-
-
-def _quantize(values: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[`quantize_4bit`] plus the values the codes decode to (fp32, `values`' shape), for the error feedback."""
     if values.ndim != 1 or values.numel() % chunk_size != 0 or chunk_size % 2 != 0:
         raise ValueError(
             f"quantize_4bit needs a 1-D tensor whose length is a multiple of an even chunk_size; got shape "
             f"{tuple(values.shape)} and chunk_size {chunk_size}"
         )
-    chunks = values.float().view(-1, chunk_size)  # (num_chunks, chunk_size)
-    scales = chunks.abs().amax(dim=1) / _MAX_CODE
-    safe_scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero chunk codes to zeros
-    codes = torch.round(chunks / safe_scales[:, None]).clamp_(-_MAX_CODE, _MAX_CODE)
-    restored = (codes * scales[:, None]).view(-1)
-    codes = (codes.to(torch.uint8) + _CODE_OFFSET).view(-1)  # int -> uint8 wraps, so the offset is added after
-    packed = codes[0::2] | (codes[1::2] << 4)
-    return packed, scales, restored
+    chunks = values.float().view(-1, chunk_size)
+    byte_values = torch.empty(values.numel() // 2, device=values.device)
+    scales = _quantize(chunks, torch.empty_like(chunks), byte_values)
+    return byte_values.to(torch.uint8), scales
 
 
 def dequantize_4bit(packed: torch.Tensor, scales: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Inverse of [`quantize_4bit`]: fp32 values of shape `(packed.numel() * 2,)`."""
-    codes = torch.stack((packed & 0x0F, packed >> 4), dim=1).view(-1, chunk_size)  # (num_chunks, chunk_size)
-    return ((codes.float() - _CODE_OFFSET) * scales[:, None]).view(-1)
+    values = torch.empty(packed.numel() * 2, device=packed.device)
+    index = torch.empty(packed.numel(), dtype=torch.int32, device=packed.device)
+    _dequantize(packed.view(1, -1), scales, values, chunk_size, index)
+    return values
+
+
+def _quantize(chunks: torch.Tensor, codes: torch.Tensor, byte_values: torch.Tensor) -> torch.Tensor:
+    """[`quantize_4bit`] into buffers the caller reuses; returns the scales, `(num_chunks,)`.
+
+    Args:
+        chunks (`torch.Tensor` of shape `(num_chunks, chunk_size)`): fp32 values, left unchanged.
+        codes (`torch.Tensor`, `chunks`' shape): fp32, receives each value's code -7..7 (the values they decode to
+            are `codes * scales[:, None]`). A chunk holding inf or NaN gets a non-finite scale and arbitrary codes.
+        byte_values (`torch.Tensor` of shape `(numel // 2,)`): fp32, receives the packed bytes as whole numbers
+            0..255, for a copy into a uint8 buffer.
+    """
+    # max|x| from two reductions, without an |x| temporary; a NaN propagates through both
+    scales = torch.maximum(chunks.amax(dim=1), chunks.amin(dim=1).neg_()).div_(_MAX_CODE)
+    safe_scales = torch.where(scales > 0, scales, 1.0)  # an all-zero chunk codes to zeros
+    torch.div(chunks, safe_scales[:, None], out=codes).round_().clamp_(-_MAX_CODE, _MAX_CODE)
+    pairs = codes.view(-1, 2)
+    # (high + 8) * 16 + (low + 8), exact in fp32
+    torch.add(pairs[:, 0], pairs[:, 1], alpha=16, out=byte_values).add_(_CODE_OFFSET * 17)
+    return scales
+
+
+def _decode_table(device: torch.device) -> torch.Tensor:
+    """`(256,)` float64 whose entry `b` holds, as two fp32, the codes of byte `b` minus the offset (low nibble
+    first): one gather decodes both values of a byte."""
+    table = _DECODE_TABLES.get(device)
+    if table is None:
+        byte = torch.arange(256)
+        pairs = torch.stack((byte & 0x0F, byte >> 4), dim=1).float() - _CODE_OFFSET
+        table = pairs.to(device).view(torch.float64).view(-1)
+        _DECODE_TABLES[device] = table
+    return table
+
+
+def _dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, chunk_size: int, index: torch.Tensor
+) -> None:
+    """Decodes rows of packed codes into `out`, each row zero-padded to whole chunks.
+
+    Args:
+        codes (`torch.Tensor` of shape `(num_rows, code_bytes)`): uint8, any strides.
+        scales (`torch.Tensor`): fp32, one per chunk of `out`.
+        out (`torch.Tensor` of shape `(num_rows * padded_row,)`): contiguous fp32 at an even offset; row `r`'s
+            values at `r * padded_row`, with `padded_row` a multiple of `chunk_size`.
+        chunk_size (`int`): values sharing one scale.
+        index (`torch.Tensor` of shape `(num_rows * padded_row // 2,)`): int32 scratch.
+    """
+    num_rows, code_bytes = codes.shape
+    index = index.view(num_rows, -1)
+    index[:, :code_bytes].copy_(codes)
+    index[:, code_bytes:].fill_(_ZERO_BYTE)
+    torch.index_select(_decode_table(out.device), 0, index.view(-1), out=out.view(torch.float64))
+    out.view(-1, chunk_size).mul_(scales.view(-1, 1))
 
 
 class FourBitCompressionState:
-    """What [`fourbit_hook`] keeps between steps: the error-feedback buffers and the byte counters.
+    """What [`fourbit_hook`] keeps between steps: the error-feedback buffers, the byte counters and the scratch
+    buffers its exchanges reuse (so a state runs one exchange at a time, as the hook does).
 
     Args:
         process_group (`torch.distributed.ProcessGroup`, *optional*): the group DDP averages over (default: the
@@ -136,6 +190,7 @@ class FourBitCompressionState:
         self.num_overflows = 0
         self._sender_errors: dict[int, torch.Tensor] = {}
         self._shard_errors: dict[int, torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
         self._hook_group: dist.ProcessGroup | None = None
         self._last_exchange: torch.futures.Future | None = None
         if dist.is_available() and dist.is_initialized():
@@ -160,38 +215,55 @@ class FourBitCompressionState:
             self._hook_group = self._new_hook_group()
         return self._hook_group
 
-    def _error(self, errors: dict[int, torch.Tensor], key: int, like: torch.Tensor) -> torch.Tensor:
+    def _error(self, errors: dict[int, torch.Tensor], key: int, numel: int, device: torch.device) -> torch.Tensor:
         # DDP rebuilds its buckets after the first iteration, so a key may come back with another size.
         error = errors.get(key)
-        if error is None or error.shape != like.shape:
-            error = torch.zeros_like(like)
+        if error is None or error.numel() != numel or error.device != device:
+            error = torch.zeros(numel, device=device)
             errors[key] = error
         return error
 
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """`numel` values of the named scratch buffer, 1-D, starting at its first byte.
 
-def _pack_rows(packed: torch.Tensor, scales: torch.Tensor, num_rows: int, row_numel: int) -> torch.Tensor:
-    """`(num_rows, row_bytes)` uint8: each row's first `row_numel` codes, then its scales' bytes.
+        Exchanges run one at a time, so each reuses the same buffers, grown to the largest bucket: allocating a
+        bucket-sized tensor costs a page fault per 4 KiB on CPU, more than the arithmetic done in it."""
+        nbytes = numel * dtype.itemsize
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < nbytes or buffer.device != device:
+            buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self._buffers[name] = buffer
+        return buffer[:nbytes].view(dtype)
+
+
+def _keep_dropped(values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """Turns `codes` (from [`_quantize`] of `values`, both `(num_chunks, chunk_size)`) into what the quantisation
+    dropped: `values` minus what the codes decode to, the next step's error feedback."""
+    codes.mul_(scales[:, None])
+    torch.sub(values, codes, out=codes)
+
+
+def _row_spans(numel: int, num_rows: int, row_numel: int) -> list[tuple[int, int, int]]:
+    """`(row, start, length)` of each row's values in a flat tensor of `numel` cut into rows of `row_numel`."""
+    spans = []
+    for row in range(num_rows):
+        start = row * row_numel
+        spans.append((row, start, max(0, min(row_numel, numel - start))))
+    return spans
+
+
+def _write_row_bytes(rows: torch.Tensor, byte_values: torch.Tensor, scales: torch.Tensor, code_bytes: int) -> None:
+    """Fills `rows` `(num_rows, row_bytes)`: each row's first `code_bytes` packed codes, then its scales' bytes.
 
     A row is quantised padded to whole chunks; the codes of the padding (zeros) are not sent."""
-    codes = packed.view(num_rows, -1)[:, : row_numel // 2]
-    scale_bytes = scales.view(num_rows, -1).contiguous().view(torch.uint8).view(num_rows, -1)
-    return torch.cat((codes, scale_bytes), dim=1)
-
-
-def _row_scales(rows: torch.Tensor, row_numel: int) -> torch.Tensor:
-    """The fp32 scales of packed rows, `(num_rows, chunks_per_row)`."""
-    return rows[:, row_numel // 2 :].contiguous().view(torch.float32)
-
-
-def _unpack_rows(rows: torch.Tensor, row_numel: int, chunk_size: int) -> torch.Tensor:
-    """Inverse of [`_pack_rows`] then [`dequantize_4bit`]: fp32 of shape `(num_rows, row_numel)`."""
     num_rows = rows.shape[0]
-    num_chunks = math.ceil(row_numel / chunk_size)
-    codes = rows[:, : row_numel // 2]
-    zero_codes = _CODE_OFFSET | (_CODE_OFFSET << 4)  # both nibbles decode to 0.0
-    codes = F.pad(codes, (0, num_chunks * chunk_size // 2 - codes.shape[1]), value=zero_codes)
-    values = dequantize_4bit(codes.reshape(-1), _row_scales(rows, row_numel).reshape(-1), chunk_size)
-    return values.view(num_rows, -1)[:, :row_numel]
+    rows[:, :code_bytes].copy_(byte_values.view(num_rows, -1)[:, :code_bytes])
+    rows[:, code_bytes:].copy_(scales.view(torch.uint8).view(num_rows, -1))
+
+
+def _row_scales(rows: torch.Tensor, code_bytes: int) -> torch.Tensor:
+    """The fp32 scales of rows written by [`_write_row_bytes`], `(num_rows, chunks_per_row)`."""
+    return rows[:, code_bytes:].contiguous().view(torch.float32)
 
 
 def _all_gather(output: torch.Tensor, row: torch.Tensor, group: dist.ProcessGroup) -> dist.Work:
@@ -223,50 +295,80 @@ def _after(future: torch.futures.Future, result: torch.futures.Future, callback)
 
 
 def _compressed_allreduce_async(
-    state: FourBitCompressionState, key: int, tensor: torch.Tensor, group: dist.ProcessGroup
+    state: FourBitCompressionState,
+    key: int,
+    tensor: torch.Tensor,
+    group: dist.ProcessGroup,
+    out: torch.Tensor | None = None,
 ) -> torch.futures.Future[torch.Tensor]:
     """[`compressed_allreduce`] as a future: phase 1 issued now, phase 2 from phase 1's completion callback.
 
-    The error-feedback buffers are updated only when the exchange ends, and left as they were if any rank had a
-    non-finite value."""
+    The average is written into `out` (contiguous, `tensor`'s shape and dtype; may be `tensor` itself, read only in
+    phase 1) or a new tensor. The error-feedback buffers are updated only when the exchange ends, and left as they
+    were if any rank had a non-finite value."""
     world_size = dist.get_world_size(group)
     chunk_size = state.chunk_size
     numel = tensor.numel()
+    device = tensor.device
     shard_numel = 2 * math.ceil(numel / (2 * world_size))  # even: two codes per byte
     padded_shard = math.ceil(shard_numel / chunk_size) * chunk_size  # whole chunks, for the scales
-    flat = F.pad(tensor.reshape(-1).float(), (0, world_size * shard_numel - numel)).view(world_size, shard_numel)
-    padded = F.pad(flat, (0, padded_shard - shard_numel)).view(-1)  # (world_size * padded_shard,)
-    result = _new_future(tensor.device)
+    code_bytes = shard_numel // 2
+    row_bytes = code_bytes + _SCALE_BYTES * padded_shard // chunk_size
+    padded_numel = world_size * padded_shard
+    spans = _row_spans(numel, world_size, shard_numel)
+    flat = tensor.reshape(-1)
+    result = _new_future(device)
 
-    # phase 1: each rank's error-corrected gradient, shard i to rank i. A non-finite value makes its chunk's scale
-    # inf or NaN, and that scale travels with the codes.
-    corrected = padded + state._error(state._sender_errors, key, padded)
-    packed, scales, restored = _quantize(corrected, chunk_size)
-    sender_error = corrected - restored
-    outgoing = _pack_rows(packed, scales, world_size, shard_numel)  # (world_size, row_bytes)
-    incoming = torch.empty_like(outgoing)
+    def buffer(name: str, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return state._buffer(name, size, dtype, device)
+
+    # phase 1: each rank's error-corrected gradient, zero-padded to whole chunks per shard, shard i to rank i. A
+    # non-finite value makes its chunk's scale inf or NaN, and that scale travels with the codes.
+    sender_error = state._error(state._sender_errors, key, padded_numel, device)
+    error_rows = sender_error.view(world_size, padded_shard)
+    corrected = buffer("rows", padded_numel).view(world_size, padded_shard)
+    for row, start, length in spans:
+        torch.add(flat[start : start + length], error_rows[row, :length], out=corrected[row, :length])
+        corrected[row, length:].zero_()  # the error is zero there too
+    sender_dropped = buffer("codes", padded_numel).view(-1, chunk_size)
+    byte_values = buffer("work", padded_numel // 2)
+    scales = _quantize(corrected.view(-1, chunk_size), sender_dropped, byte_values)
+    outgoing = buffer("outgoing", world_size * row_bytes, torch.uint8).view(world_size, row_bytes)
+    _write_row_bytes(outgoing, byte_values, scales, code_bytes)
+    incoming = buffer("incoming", world_size * row_bytes, torch.uint8).view(world_size, row_bytes)
     phase1 = dist.all_to_all_single(incoming, outgoing, group=group, async_op=True).get_future()
+    # while the codes travel; phase 2, registered after this, may reuse `corrected`
+    _keep_dropped(corrected.view(-1, chunk_size), sender_dropped, scales)
 
     def phase2(_: torch.futures.Future) -> None:
         # this rank's shard averaged over the ranks, error-corrected, sent to every rank
-        shard_mean = _unpack_rows(incoming, shard_numel, chunk_size).mean(dim=0)
-        shard_mean = F.pad(shard_mean, (0, padded_shard - shard_numel))
-        shard_mean = shard_mean + state._error(state._shard_errors, key, shard_mean)
-        shard_packed, shard_scales, shard_restored = _quantize(shard_mean, chunk_size)
-        shard_error = shard_mean - shard_restored
+        received = buffer("rows", padded_numel)
+        incoming_scales = _row_scales(incoming, code_bytes)
+        index = buffer("work", padded_numel // 2, torch.int32)
+        _dequantize(incoming[:, :code_bytes], incoming_scales, received, chunk_size, index)
+        shard = buffer("shard", padded_shard)
+        torch.mean(received.view(world_size, padded_shard)[:, :shard_numel], dim=0, out=shard[:shard_numel])
+        shard[shard_numel:].zero_()
+        shard_error = state._error(state._shard_errors, key, padded_shard, device)
+        shard.add_(shard_error)
+        shard_dropped = buffer("shard_codes", padded_shard).view(-1, chunk_size)
+        byte_values = buffer("work", padded_shard // 2)
+        shard_scales = _quantize(shard.view(-1, chunk_size), shard_dropped, byte_values)
         # a non-finite value anywhere in this shard, on any rank, shows as a NaN scale to every rank
-        received_finite = torch.isfinite(_row_scales(incoming, shard_numel)).all()
-        shard_scales = torch.where(received_finite, shard_scales, torch.full_like(shard_scales, math.nan))
-        own_row = _pack_rows(shard_packed, shard_scales, 1, shard_numel)  # (1, row_bytes)
-        gathered = torch.empty(world_size, own_row.shape[1], dtype=torch.uint8, device=tensor.device)
+        shard_scales.masked_fill_(~torch.isfinite(incoming_scales).all(), math.nan)
+        own_row = buffer("own_row", row_bytes, torch.uint8).view(1, row_bytes)
+        _write_row_bytes(own_row, byte_values, shard_scales, code_bytes)
+        gathered = buffer("gathered", world_size * row_bytes, torch.uint8).view(world_size, row_bytes)
         phase2_future = _all_gather(gathered, own_row, group).get_future()
-        _after(phase2_future, result, lambda done: finish(gathered, own_row.numel(), sender_error, shard_error))
+        _keep_dropped(shard.view(-1, chunk_size), shard_dropped, shard_scales)  # while the codes travel
+        _after(phase2_future, result, lambda done: finish(gathered, shard_dropped, shard_error))
 
-    def finish(gathered: torch.Tensor, row_bytes: int, sender_error: torch.Tensor, shard_error: torch.Tensor):
+    def finish(gathered: torch.Tensor, shard_dropped: torch.Tensor, shard_error: torch.Tensor) -> None:
         # every rank holds the same `gathered`, so every rank takes the same branch
-        if bool(torch.isfinite(_row_scales(gathered, shard_numel)).all()):
-            state._sender_errors[key] = sender_error
-            state._shard_errors[key] = shard_error
+        gathered_scales = _row_scales(gathered, code_bytes)
+        if bool(torch.isfinite(gathered_scales).all()):
+            sender_error.copy_(sender_dropped.view(-1))
+            shard_error.copy_(shard_dropped.view(-1))
         else:
             state.num_overflows += 1
         # Both phases send every row but this rank's own; the reference is a ring all-reduce of the bucket.
@@ -274,8 +376,18 @@ def _compressed_allreduce_async(
         state.uncompressed_bytes += 2 * (world_size - 1) * numel * tensor.element_size() // world_size
         state.fp32_bytes += 2 * (world_size - 1) * numel * 4 // world_size
         state.num_allreduces += 1
-        averaged = _unpack_rows(gathered, shard_numel, chunk_size).reshape(-1)[:numel]
-        result.set_result(averaged.view(tensor.shape).to(tensor.dtype))
+        averaged = torch.empty_like(tensor, memory_format=torch.contiguous_format) if out is None else out
+        index = buffer("work", padded_numel // 2, torch.int32)
+        direct = averaged.dtype == torch.float32 and averaged.storage_offset() % 2 == 0
+        if direct and numel == padded_numel:  # no padding anywhere: decode straight into the result
+            _dequantize(gathered[:, :code_bytes], gathered_scales, averaged.view(-1), chunk_size, index)
+        else:
+            decoded = buffer("rows", padded_numel).view(world_size, padded_shard)
+            _dequantize(gathered[:, :code_bytes], gathered_scales, decoded.view(-1), chunk_size, index)
+            averaged_flat = averaged.view(-1)
+            for row, start, length in spans:
+                averaged_flat[start : start + length].copy_(decoded[row, :length])
+        result.set_result(averaged)
 
     _after(phase1, result, phase2)
     return result
@@ -305,11 +417,11 @@ def fourbit_hook(state: FourBitCompressionState, bucket: dist.GradBucket) -> tor
 
     def start(_: torch.futures.Future | None = None) -> None:
         try:
-            exchange = _compressed_allreduce_async(state, key, buffer, group)
+            exchange = _compressed_allreduce_async(state, key, buffer, group, out=buffer)
         except BaseException as error:  # noqa: BLE001 - handed to DDP through the future
             result.set_exception(error)
             return
-        _after(exchange, result, lambda done: result.set_result(buffer.copy_(done.value())))
+        _after(exchange, result, lambda done: result.set_result(done.value()))
 
     # Buckets are exchanged one after another, in the order DDP hands them over, which is the same on every rank.
     previous = state._last_exchange

@@ -1,10 +1,12 @@
-"""The 4-bit hook in every run: overflow steps, bf16 byte counts, the all-gather fallback, asynchronous phases.
+"""The 4-bit hook in every run: overflow steps, bf16 byte counts, the all-gather fallback, asynchronous phases, and
+the exchange's arithmetic against the same steps done with the public quantisation functions.
 
 Each test starts this file's workers (below) in 2 gloo processes with torchrun; the workers write what they saw and
 the tests make the assertions.
 """
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -17,8 +19,19 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from deepseekv3.distributed import dequantize_4bit, quantize_4bit
+
 NUM_PROCESSES = 2
 OVERFLOW_STEP, NUM_STEPS = 3, 6
+# name: (numel, chunk_size, dtype). Shards of whole chunks are decoded straight into the result; the others (padded
+# last chunk, a bf16 bucket, fewer values than ranks times two) go through the exchange's row buffer.
+REFERENCE_CASES = {
+    "aligned": (768, 64, torch.float32),
+    "padded": (1001, 64, torch.float32),
+    "bf16": (1000, 64, torch.bfloat16),
+    "tiny": (3, 16, torch.float32),
+}
+REFERENCE_STEPS = 4
 
 
 def _run_workers(worker: str, out_dir: Path) -> None:
@@ -78,6 +91,45 @@ def test_hook_returns_before_the_exchange_and_trains_like_the_synchronous_hook(t
     weights = [read_weights(tmp_path / f"overlap{rank}.safetensors") for rank in range(NUM_PROCESSES)]
     assert torch.equal(weights[0]["async"], weights[1]["async"]), "replicas drifted apart"
     torch.testing.assert_close(weights[0]["async"], weights[0]["sync"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.distributed
+def test_exchange_equals_the_same_steps_done_with_the_public_functions(tmp_path):
+    _run_workers("reference", tmp_path)
+    runs = [read_weights(tmp_path / f"reference{rank}.safetensors") for rank in range(NUM_PROCESSES)]
+    for name, (_, chunk_size, dtype) in REFERENCE_CASES.items():
+        inputs = torch.stack([run[f"{name}_inputs"] for run in runs])  # (ranks, steps, numel)
+        expected = _reference_exchange(inputs, chunk_size).to(dtype)
+        for rank, run in enumerate(runs):
+            assert run[f"{name}_outputs"].dtype == dtype
+            assert torch.equal(run[f"{name}_outputs"], expected), f"{name}, rank {rank}"
+
+
+def _reference_exchange(inputs: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """The averages `compressed_allreduce` returns, step after step with error feedback, for `inputs` of shape
+    `(ranks, steps, numel)`: every rank's shards quantised (phase 1), each shard's mean quantised (phase 2)."""
+    ranks, steps, numel = inputs.shape
+    shard_numel = 2 * math.ceil(numel / (2 * ranks))
+    padded_shard = math.ceil(shard_numel / chunk_size) * chunk_size
+
+    def decoded(values: torch.Tensor) -> torch.Tensor:
+        return dequantize_4bit(*quantize_4bit(values.reshape(-1), chunk_size), chunk_size).view(values.shape)
+
+    sender_errors = torch.zeros(ranks, ranks, padded_shard)  # (sender, shard, value)
+    shard_errors = torch.zeros(ranks, padded_shard)
+    outputs = []
+    for step in range(steps):
+        flat = nn.functional.pad(inputs[:, step].float(), (0, ranks * shard_numel - numel))
+        corrected = nn.functional.pad(flat.view(ranks, ranks, shard_numel), (0, padded_shard - shard_numel))
+        corrected = corrected + sender_errors
+        sent = decoded(corrected)
+        sender_errors = corrected - sent
+        means = nn.functional.pad(sent[..., :shard_numel].mean(dim=0), (0, padded_shard - shard_numel))
+        means = means + shard_errors
+        averaged = decoded(means)
+        shard_errors = means - averaged
+        outputs.append(averaged[:, :shard_numel].reshape(-1)[:numel])
+    return torch.stack(outputs)
 
 
 # ---- workers (run by torchrun: `python test_compression_correctness.py NAME OUT_DIR`) ----
@@ -278,10 +330,32 @@ def overlap(out_dir: str) -> None:
     Path(out_dir, f"overlap{rank}.json").write_text(json.dumps(report))
 
 
+def reference(out_dir: str) -> None:
+    from deepseekv3.distributed import FourBitCompressionState, compressed_allreduce
+
+    rank = dist.get_rank()
+    generator = torch.Generator().manual_seed(23 + rank)
+    tensors = {}
+    for name, (numel, chunk_size, dtype) in REFERENCE_CASES.items():
+        state = FourBitCompressionState(chunk_size=chunk_size)
+        magnitudes = torch.logspace(-2, 1, REFERENCE_STEPS)[:, None]
+        inputs = (torch.randn(REFERENCE_STEPS, numel, generator=generator) * magnitudes).to(dtype)
+        tensors[f"{name}_inputs"] = inputs
+        tensors[f"{name}_outputs"] = torch.stack([compressed_allreduce(state, 0, row) for row in inputs])
+    save_file(tensors, str(Path(out_dir, f"reference{rank}.safetensors")))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        {"overflow": overflow, "bf16": bf16, "fallback": fallback, "overlap": overlap}[sys.argv[1]](*sys.argv[2:])
+        workers = {
+            "overflow": overflow,
+            "bf16": bf16,
+            "fallback": fallback,
+            "overlap": overlap,
+            "reference": reference,
+        }
+        workers[sys.argv[1]](*sys.argv[2:])
     finally:
         dist.destroy_process_group()
