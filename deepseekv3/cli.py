@@ -82,6 +82,7 @@ def _serve(args: argparse.Namespace) -> None:
             max_batch_tokens=args.max_batch_tokens,
             max_queue_size=args.max_queue_size,
             prefix_cache_bytes=args.prefix_cache_bytes,
+            prefill_chunk_tokens=args.prefill_chunk_tokens or None,
             log_size=args.log_size,
             log_prompt_tokens=args.log_prompt_tokens,
             max_consecutive_faults=args.max_consecutive_faults,
@@ -160,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-tokens", type=int, default=4096, help="(default: %(default)s)")
     serve.add_argument("--max-queue-size", type=int, default=256, help="(default: %(default)s)")
     serve.add_argument("--prefix-cache-bytes", type=int, default=64 * 2**20, help="(default: %(default)s)")
+    serve.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=512,
+        help="most positions one step's prefill computes; 0 turns chunked prefill off (default: %(default)s)",
+    )
     serve.add_argument(
         "--log-size", type=int, default=10_000, help="requests kept in the length log (default: %(default)s)"
     )

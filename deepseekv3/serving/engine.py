@@ -3,10 +3,19 @@ decoding, chosen per request).
 
 Requests (token ids, with images and audio as the processor returns them) enter a bounded queue and come back as
 futures and token streams (`RequestHandle`). At every decoding step the engine drops cancelled and timed-out
-requests, admits waiting ones while a slot and the token budget allow, prefills them (text prompts together, padded
-only to their own longest; prompts with media or a cached prefix one by one), and decodes one token for every request
-of the batch on a shared left-padded MLA latent cache (`LatentBatch`). Requests leave the batch the step they finish.
-A `SelfTuningScheduler` may choose the batch size and token budget online.
+requests, admits waiting ones while a slot and the token budget allow, runs one prefill forward, and decodes one token
+for every request of the batch on a shared left-padded MLA latent cache (`LatentBatch`). Requests leave the batch the
+step they finish. A `SelfTuningScheduler` may choose the batch size and token budget online.
+
+Prefill is batched and chunked. Every prefilled prompt goes into the prefix cache (`PrefixCache`, a radix tree keyed
+by token ids and, inside image and audio spans, media digests), and a request starts its prefill on the longest cached
+prefix of its prompt (automatic prefix caching; `warm_up` fills the cache ahead). One forward per step prefills the
+requests in admission order, text and media alike, hits and misses alike: left-padded, each row's cached positions
+first and its new ones after, the new part as wide as the widest row's (a row with fewer new positions recomputes its
+last cached ones instead of padding), and its finished rows join the batch in one copy. With `prefill_chunk_tokens`
+that forward computes at most that many positions (rows x width), so a long prompt is prefilled a chunk per step while
+the batch keeps decoding a token per step; chunks end at media span boundaries (a span is embedded whole and may
+attend to itself both ways), so a span longer than a chunk is prefilled whole.
 
 The token budget bounds what the cache really holds: rows x the longest row, padding included. Admission charges the
 batch's padded cache over its coming steps (`padded_peak`), each request running to its predicted length
@@ -52,14 +61,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 from transformers.utils import logging
 
 from ..embeddings_deepseekv3 import audio_tokens_per_clip
-from .latent_batch import LatentBatch, cache_from_layers, cache_layers, padded_peak, select_rows
+from .latent_batch import LatentBatch, cache_from_layers, cache_layers, padded_peak, select_rows, stack_rows
 from .length_predictor import LengthPredictor, LengthRecord
-from .prefix_cache import PrefixCache, PrefixEntry, media_digest
+from .prefix_cache import MediaPosition, PrefixCache, boundary_after, boundary_before, media_digest
 from .sampling import SamplingParams, TokenSampler
 from .scheduler import SchedulerSetting, SelfTuningScheduler
 
@@ -128,7 +138,11 @@ class EngineConfig:
         max_queue_size (`int`, defaults to 256): most requests waiting; past it `submit` raises
             `EngineOverloadedError`.
         default_max_new_tokens (`int`, defaults to 32): `max_new_tokens` of a request that names none.
-        prefix_cache_bytes (`int`, defaults to 64 MiB): byte budget of the prefix cache.
+        prefix_cache_bytes (`int`, defaults to 64 MiB): byte budget of the prefix cache (the bytes of its tensors).
+        prefill_chunk_tokens (`int`, *optional*, defaults to 512): most positions one step's prefill forward
+            computes (rows x the widest row, padding included), so a long prompt is prefilled in chunks, one per
+            step, while the batch decodes; a media span longer than this is still prefilled whole. `None` prefills
+            every admitted prompt in one forward.
         log_size (`int`, defaults to 10000): finished requests kept in the length log (a ring buffer).
         log_prompt_tokens (`int`, defaults to 0): last prompt tokens each length-log record keeps, as the features
             `LengthPredictor.fit` trains on; 0 keeps lengths only. They stay in memory: `save_state` writes lengths
@@ -142,6 +156,7 @@ class EngineConfig:
     max_queue_size: int = 256
     default_max_new_tokens: int = 32
     prefix_cache_bytes: int = 64 * 2**20
+    prefill_chunk_tokens: int | None = 512
     log_size: int = 10_000
     log_prompt_tokens: int = 0
     max_consecutive_faults: int = 3
@@ -158,6 +173,8 @@ class EngineConfig:
         for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1")
+        if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens ({self.prefill_chunk_tokens}) must be at least 1, or None")
         if self.log_prompt_tokens < 0:
             raise ValueError(f"log_prompt_tokens ({self.log_prompt_tokens}) must be at least 0")
 
@@ -187,7 +204,8 @@ class GenerationResult:
     Attributes:
         request_id (`int`), token_ids (`list[int]`): the generated tokens (the stop token included, as `generate`).
         finish_reason (`str`): `"stop"` (a stop token) or `"length"` (`max_new_tokens` reached).
-        prompt_length (`int`), cached_prefix_length (`int`): prompt tokens, and how many came from the prefix cache.
+        prompt_length (`int`), cached_prefix_length (`int`): prompt tokens, and how many of them the prefill took
+            from the prefix cache (those a batched prefill recomputed in place of padding do not count).
         queued_s, first_token_s, latency_s (`float`): seconds from submission to admission, to the first token, to
             the end.
     """
@@ -286,6 +304,16 @@ class RequestHandle:
 
 
 @dataclass
+class _PromptLayout:
+    """A prompt's prefix-cache keys, and the position of each image's and clip's first placeholder with its
+    `pixel_values` / unpadded `input_features`."""
+
+    keys: list
+    images: list[tuple[int, torch.Tensor]]
+    clips: list[tuple[int, torch.Tensor]]
+
+
+@dataclass
 class _Request:
     handle: RequestHandle
     input_ids: list[int]
@@ -300,6 +328,11 @@ class _Request:
     admitted: float = 0.0
     first_token: float = 0.0
     cached_prefix_length: int = 0
+    layout: _PromptLayout | None = None  # computed at its first prefill
+    prefilling: bool = False  # admitted, and its prefill not complete
+    keys: list | None = None  # prefix-cache keys of `prefill_ids`, from its prefill's start to its end
+    prefilled: int = 0  # leading positions of `prefill_ids` whose latents `prefill_layers` hold
+    prefill_layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def request_id(self) -> int:
@@ -319,6 +352,10 @@ class _Request:
         decoding step, and the steps it runs to its predicted length (to `max_new_tokens` once outgrown)."""
         final = self.predicted_new_tokens if self.predicted_new_tokens > len(self.generated) else self.max_new_tokens
         return len(self.input_ids) + emitted, final - emitted
+
+    def end_prefill(self) -> None:
+        """Drops the state of its prefill (complete, or given up when it is preempted)."""
+        self.prefilling, self.keys, self.prefilled, self.prefill_layers = False, None, 0, None
 
     def is_finished(self, stop_ids: set[int]) -> bool:
         return len(self.generated) >= self.max_new_tokens or self.generated[-1] in stop_ids
@@ -646,31 +683,37 @@ class Engine:
             self.step()
 
     def step(self) -> bool:
-        """One scheduling step: expire, admit and prefill, decode one token per active request. Returns whether a
-        forward pass ran. A failure fails the requests it concerns (see the module docstring), never the caller."""
+        """One scheduling step: expire, admit, run one prefill forward (a chunk of it with `prefill_chunk_tokens`),
+        decode one token per request in the batch. Returns whether a forward pass ran. A failure fails the requests it
+        concerns (see the module docstring), never the caller."""
         with self._model_lock:
             started = time.perf_counter()
-            stage, admitted, setting = "length prediction", [], self.setting
+            stage, setting, tokens = "length prediction", self.setting, 0
             try:
                 self._take_incoming()
                 stage = "cache compaction"
                 self._drop_cancelled_and_expired(time.monotonic())
                 stage = "admission"
-                admitted = self._choose_admissions(setting)
+                for request in self._choose_admissions(setting):
+                    request.prefilling = True
+                    self._active[request.request_id] = request
                 stage = "prefill"
-                tokens = self._prefill(admitted) if admitted else 0
-                if self._active:
+                prefilling = any(request.prefilling for request in self._active.values())
+                if prefilling:
+                    tokens = self._prefill()
+                if len(self._batch):
                     stage = "decode"
                     self._preempt(setting.max_batch_tokens)
+                if len(self._batch):
                     decoded, kept = self._decode()
                     tokens += decoded
                     stage = "cache compaction"
                     self._batch.keep(kept)
             except Exception as error:
                 self._record_fault(stage, error)
-                self._fail_all(functools.partial(EngineFaultError, stage=stage, error=error), admitted)
+                self._fail_all(functools.partial(EngineFaultError, stage=stage, error=error))
                 return True
-            ran = bool(admitted) or tokens > 0
+            ran = prefilling or tokens > 0
             if tokens > 0:
                 self._consecutive_faults = 0
             if ran:
@@ -685,14 +728,14 @@ class Engine:
         self._consecutive_faults += 1
         self._last_fault = f"{stage} ({type(error).__name__})"
 
-    def _fail_all(self, make_error: Callable[[int], Exception], admitted: Sequence[_Request] = ()) -> int:
-        """Fails every queued, `admitted` and decoding request with `make_error(request_id)` and empties the batch.
-        Returns how many requests it failed."""
+    def _fail_all(self, make_error: Callable[[int], Exception]) -> int:
+        """Fails every queued and admitted request with `make_error(request_id)` and empties the batch. Returns how
+        many requests it failed."""
         with self._lock:
             requests = list(self._incoming)
             self._incoming.clear()
             self._num_pending = 0
-        requests += [*self._waiting, *admitted, *self._active.values()]
+        requests += [*self._waiting, *self._active.values()]
         self._waiting, self._active = [], {}
         self._batch = LatentBatch(self.model)
         failed = 0
@@ -755,7 +798,8 @@ class Engine:
         free = setting.max_batch_size - len(self._active)
         if free <= 0 or not self._waiting:
             return []
-        rows = [request.padded_row(len(request.generated)) for request in self._active.values()]
+        # a request still in prefill emits a token when its prefill completes
+        rows = [request.padded_row(len(request.generated) + request.prefilling) for request in self._active.values()]
         oldest, *order = self._waiting  # in arrival order
         if self.length_predictor is not None and self.length_predictor.is_trained:
             # after the oldest, the requests of the most similar predicted total length
@@ -787,8 +831,9 @@ class Engine:
 
     def _preempt(self, budget: int) -> None:
         """Before a decoding step: while the step would take the cache over `budget` positions, drops the youngest
-        row (never the last one, which fits the largest budget alone) and queues its request again in arrival order,
-        keeping its tokens, to be prefilled later on its prompt plus those tokens."""
+        admitted request (never the last one, which fits the largest budget alone) and queues it again in arrival
+        order, keeping its tokens, to be prefilled later on its prompt plus those tokens. A request still in prefill
+        counts as the row it becomes, and gives up the latents of its prefill when preempted."""
         running = sorted(self._active.values(), key=lambda request: request.request_id)
         preempted = []
         # the step feeds every row its pending token: rows x (longest prompt + generated tokens) positions
@@ -800,6 +845,7 @@ class Engine:
         self._batch.keep([row for row, rid in enumerate(self._batch.request_ids) if rid not in dropped])
         for request in preempted:
             del self._active[request.request_id]
+            request.end_prefill()
             bisect.insort(self._waiting, request, key=lambda waiting: waiting.request_id)
         with self._lock:
             self._num_pending += len(preempted)
@@ -819,35 +865,28 @@ class Engine:
         return tokens
 
     @torch.no_grad()
-    def _prefill(self, requests: list[_Request]) -> int:
-        """Prefills `requests`, emits their first tokens and adds the unfinished ones to the batch. When the prefill
-        of the text group fails, its requests are prefilled again one at a time; a request whose own prefill fails
-        fails alone (with the model's `ValueError` about its inputs, or `EngineFaultError`), and the batch is not
-        touched. Returns how many requests were prefilled."""
-        plain, single = [], []
-        for request in requests:
-            entry = self._lookup_prefix(request) if len(self.prefix_cache) else None
-            if request.media or entry is not None:
-                single.append((request, entry))
+    def _prefill(self) -> int:
+        """Runs this step's prefill forward (`_plan_prefill`), emits the first token of each request whose prefill it
+        completes and adds the unfinished ones to the batch. When a forward of several requests fails, they are
+        prefilled again one at a time; a request whose own prefill fails fails alone (with the model's `ValueError`
+        about its inputs, or `EngineFaultError`), and the batch is not touched. Returns how many requests completed
+        their prefill."""
+        plan = self._plan_prefill()
+        outputs = []
+        try:
+            outputs.append((plan, self._prefill_forward(plan)))
+        except Exception as error:
+            if len(plan) == 1:
+                self._fail_prefill(plan[0][0], error)
             else:
-                plain.append(request)
-        prefilled = []
-        if len(plain) > 1:
-            try:
-                prefilled.append((plain, *self._prefill_padded(plain)))
-                plain = []
-            except Exception as error:
-                logger.warning(f"the prefill of {len(plain)} requests failed ({error!r}); retrying them one by one")
-        for request, entry in [*((request, None) for request in plain), *single]:
-            try:
-                prefilled.append(([request], *self._prefill_one(request, entry)))
-            except Exception as error:
-                self._fail_prefill(request, error)
-        tokens = 0
-        for group, cache, attention_mask, logits in prefilled:
-            self.stats["prefill_calls"] += 1
-            tokens += self._emit(group, self._next_tokens(logits, group), cache, attention_mask)
-        return tokens
+                logger.warning(f"the prefill of {len(plan)} requests failed ({error!r}); retrying them one by one")
+                for request, _, end in plan:
+                    alone = _aligned([(request, end)])
+                    try:
+                        outputs.append((alone, self._prefill_forward(alone)))
+                    except Exception as own_error:
+                        self._fail_prefill(request, own_error)
+        return sum(self._finish_prefill(rows, *result) for rows, result in outputs)
 
     def _fail_prefill(self, request: _Request, error: Exception) -> None:
         if isinstance(error, ValueError):  # the model's own checks refused this request's inputs
@@ -855,49 +894,107 @@ class Engine:
         else:
             self._record_fault("prefill", error)
             request.handle._settle(error=EngineFaultError(request.request_id, "prefill", error))
+        self._active.pop(request.request_id)
         self.stats["failed"] += 1
 
-    def _prefill_padded(self, requests: list[_Request]) -> tuple:
-        prompts = [request.prefill_ids for request in requests]
-        length = max(len(prompt) for prompt in prompts)
-        input_ids = torch.full((len(requests), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(requests), length, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, length - len(prompt) :] = torch.tensor(prompt)
-            attention_mask[row, length - len(prompt) :] = 1
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    def _plan_prefill(self) -> list[tuple[_Request, int, int]]:
+        """The rows of this step's prefill forward, `(request, start, end)`: each feeds the positions `[start, end)`
+        of its `prefill_ids` on its first `start` positions, cached (see `_aligned`). The oldest request in prefill
+        always takes part, with at most `prefill_chunk_tokens` new positions (`_chunk_end`); the others join, in
+        admission order, while the forward's positions (rows x the widest row, padding included) stay within
+        `prefill_chunk_tokens`. Without chunking, every request in prefill joins with its whole prompt."""
+        chunk = self.config.prefill_chunk_tokens
+        rows, plan = [], []
+        for request in self._active.values():
+            if not request.prefilling:
+                continue
+            if request.keys is None:
+                self._start_prefill(request)
+            end = len(request.keys) if chunk is None else _chunk_end(request.keys, request.prefilled, chunk)
+            candidate = _aligned([*rows, (request, end)])
+            if not plan or chunk is None or len(candidate) * _width(candidate) <= chunk:
+                rows, plan = [*rows, (request, end)], candidate
+        return plan
+
+    def _prefill_forward(self, plan: list[tuple[_Request, int, int]]) -> tuple:
+        """One forward over `plan`'s rows, left-padded: the cached positions of every row in the first columns, its
+        new ones (as wide as the widest row) after them. Returns the cache, its attention mask and each row's last
+        logits."""
+        width, cached = _width(plan), max(start for _, start, _ in plan)
+        input_ids = torch.full((len(plan), width), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros(len(plan), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(plan), cached + width, dtype=torch.long)
+        images, clips = [], []
+        for row, (request, start, end) in enumerate(plan):
+            input_ids[row, width - (end - start) :] = torch.tensor(request.prefill_ids[start:end])
+            position_ids[row, width - (end - start) :] = torch.arange(start, end)
+            attention_mask[row, cached - start : cached] = 1
+            attention_mask[row, cached + width - (end - start) :] = 1
+            images += [image for position, image in request.layout.images if start <= position < end]
+            clips += [clip for position, clip in request.layout.clips if start <= position < end]
+        media = {}
+        if images:
+            media["pixel_values"] = torch.stack(images)
+        if clips:  # each clip unpadded: padded again to the longest of this forward
+            frames = max(clip.shape[-1] for clip in clips)
+            media["input_features"] = torch.stack([F.pad(clip, (0, frames - clip.shape[-1])) for clip in clips])
+            real = torch.tensor([clip.shape[-1] for clip in clips])
+            media["input_features_mask"] = (torch.arange(frames) < real[:, None]).long()
+        cache = None
+        if cached:
+            template = next(request.prefill_layers for request, start, _ in plan if start)
+            rows = [
+                [tuple(tensor[..., :start, :] for tensor in pair) for pair in request.prefill_layers or template]
+                for request, start, _ in plan
+            ]
+            cache = cache_from_layers(stack_rows(rows, cached), self.model)
         device = self.model.device
         outputs = self.model(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             position_ids=position_ids.to(device),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return outputs.cache, attention_mask.to(device), outputs.logits[:, -1].float()
-
-    def _prefill_one(self, request: _Request, entry: PrefixEntry | None) -> tuple:
-        device = self.model.device
-        media = {key: value.to(device) for key, value in request.media.items()}
-        start, cache = 0, None
-        if entry is not None:
-            start = len(entry.token_ids)
-            cache = cache_from_layers(entry.layers, self.model)
-            media = _media_after(media, len(entry.image_digests), len(entry.clip_digests))
-            request.cached_prefix_length = start
-        prompt = request.prefill_ids
-        length = len(prompt)
-        attention_mask = torch.ones(1, length, dtype=torch.long, device=device)
-        outputs = self.model(
-            input_ids=torch.tensor([prompt[start:]], device=device),
-            attention_mask=attention_mask,
-            position_ids=torch.arange(start, length, device=device)[None],
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
-            **media,
+            **{key: value.to(device) for key, value in media.items()},
         )
-        return outputs.cache, attention_mask, outputs.logits[:, -1].float()
+        return outputs.cache, attention_mask.to(device), outputs.logits[:, -1].float()
+
+    def _finish_prefill(
+        self, plan: list[tuple[_Request, int, int]], cache, attention_mask: torch.Tensor, logits: torch.Tensor
+    ) -> int:
+        """After a prefill forward: stores every row's positions in the prefix cache, keeps the cache of the rows
+        with more chunks to go, and emits the first token of the others, adding the unfinished ones to the batch (one
+        copy of the batch cache for all of them). Returns how many requests completed their prefill."""
+        self.stats["prefill_calls"] += 1
+        completed = []
+        for row, (request, start, end) in enumerate(plan):
+            request.cached_prefix_length = min(request.cached_prefix_length, start)
+            layers = [tuple(tensor[row : row + 1, :, -end:] for tensor in pair) for pair in cache_layers(cache)]
+            self.prefix_cache.insert(request.keys[:end], layers)
+            if end == len(request.keys):
+                completed.append(row)
+            else:
+                request.prefilled = end
+                request.prefill_layers, _ = select_rows(cache, attention_mask, [row])
+        if not completed:
+            return 0
+        requests = [plan[row][0] for row in completed]
+        tokens = self._next_tokens(logits[completed], requests)
+        now = time.monotonic()
+        kept = []
+        for index, (request, token) in enumerate(zip(requests, tokens.tolist())):
+            request.end_prefill()
+            if not request.generated:  # a preempted request keeps its first token's time
+                request.first_token = now
+            if self._append(request, token):
+                kept.append(index)
+        if kept:
+            layers, mask = select_rows(cache, attention_mask, [completed[index] for index in kept])
+            request_ids = [requests[index].request_id for index in kept]
+            self._batch.add(request_ids, cache_from_layers(layers, self.model), mask, tokens[kept])
+            self.stats["peak_batch_size"] = max(self.stats["peak_batch_size"], len(self._batch))
+        return len(requests)
 
     def _decode(self) -> tuple[int, list[int]]:
         """Decodes one token for every row; returns how many rows decoded and the rows that go on."""
@@ -914,27 +1011,6 @@ class Engine:
                 kept.append(row)
         self._batch.next_tokens = tokens
         return len(requests), kept
-
-    def _emit(self, requests: list[_Request], tokens: torch.Tensor, cache, attention_mask: torch.Tensor) -> int:
-        now = time.monotonic()
-        kept = []
-        for row, (request, token) in enumerate(zip(requests, tokens.tolist())):
-            if not request.generated:  # a preempted request keeps its first token's time
-                request.first_token = now
-            if self._append(request, token):
-                kept.append(row)
-        if kept:
-            layers, mask = select_rows(cache, attention_mask, kept)
-            self._batch.add(
-                [requests[row].request_id for row in kept],
-                cache_from_layers(layers, self.model),
-                mask,
-                tokens[torch.tensor(kept, device=tokens.device)],
-            )
-            for row in kept:
-                self._active[requests[row].request_id] = requests[row]
-            self.stats["peak_batch_size"] = max(self.stats["peak_batch_size"], len(self._active))
-        return len(requests)
 
     def _append(self, request: _Request, token: int) -> bool:
         """Adds a generated token; settles the request when it is finished. Returns whether it continues."""
@@ -968,29 +1044,53 @@ class Engine:
 
     # ---- prefix cache -----------------------------------------------------------------------------------------
 
-    def _digests(self, media: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-        images = [media_digest(image) for image in media.get("pixel_values", [])]
-        clips = []
+    def _prompt_layout(self, input_ids: list[int], media: Mapping[str, torch.Tensor]) -> _PromptLayout:
+        """A prompt's prefix-cache keys (`MediaPosition`s over each image and clip span) and its media by span."""
+        config = self.model.config
+        spans, images, clips = [], [], []
+        if "pixel_values" in media:
+            positions = [position for position, token in enumerate(input_ids) if token == config.image_token_id]
+            size = config.num_image_tokens
+            for index, image in enumerate(media["pixel_values"]):
+                start = positions[index * size]
+                spans.append((start, positions[(index + 1) * size - 1] + 1, media_digest(image)))
+                images.append((start, image))
         if "input_features" in media:
-            masks = media.get("input_features_mask")
-            for index, clip in enumerate(media["input_features"]):
-                frames = int(masks[index].sum()) if masks is not None else clip.shape[-1]
-                clips.append(media_digest(clip[:, :frames]))
-        return images, clips
+            positions = [position for position, token in enumerate(input_ids) if token == config.audio_token_id]
+            features, masks = media["input_features"], media.get("input_features_mask")
+            first = 0
+            for index, count in enumerate(audio_tokens_per_clip(config, features, masks).tolist()):
+                if count:  # a clip that makes no token adds nothing to the embeddings
+                    clip = features[index] if masks is None else features[index, :, : int(masks[index].sum())]
+                    spans.append((positions[first], positions[first + count - 1] + 1, media_digest(clip)))
+                    clips.append((positions[first], clip))
+                first += count
+        keys = list(input_ids)
+        for start, end, digest in spans:
+            for position in range(start, end):
+                keys[position] = MediaPosition(input_ids[position], digest, position - start)
+        return _PromptLayout(keys, images, clips)
 
-    def _lookup_prefix(self, request: _Request) -> PrefixEntry | None:
-        return self.prefix_cache.lookup(request.prefill_ids, *self._digests(request.media))
+    def _start_prefill(self, request: _Request) -> None:
+        """Looks up the longest cached prefix of the request's `prefill_ids` (at least one position is left to
+        compute the first logits)."""
+        if request.layout is None:
+            request.layout = self._prompt_layout(request.input_ids, request.media)
+        request.keys = request.layout.keys + request.generated
+        request.prefilled, request.prefill_layers = self.prefix_cache.lookup(request.keys, len(request.keys) - 1)
+        request.cached_prefix_length = min(request.prefilled, len(request.input_ids))
 
     @torch.no_grad()
     def warm_up(self, prefixes: Sequence[Mapping[str, torch.Tensor] | Sequence[int]]) -> int:
         """Prefills `prefixes` (system prompts, recurring images: inputs as `submit` takes them) into the prefix
-        cache; later prompts that start with one skip its prefill. Returns the cache's size in bytes.
+        cache ahead of the requests that start with them. Returns the cache's size in bytes.
 
         Raises `ValueError` when a prefix would cut through an image or audio span or cannot fit the cache.
         """
         for prefix in prefixes:
             input_ids, media = self.parse_inputs(prefix)
             self._check_media(input_ids, media)
+            layout = self._prompt_layout(input_ids, media)
             device = self.model.device
             with self._model_lock:
                 outputs = self.model(
@@ -999,9 +1099,14 @@ class Engine:
                     logits_to_keep=1,
                     **{key: value.to(device) for key, value in media.items()},
                 )
-                images, clips = self._digests(media)
-                entry = PrefixEntry(tuple(input_ids), tuple(images), tuple(clips), cache_layers(outputs.cache))
-                self.prefix_cache.put(entry)
+                layers = cache_layers(outputs.cache)
+                nbytes = sum(tensor.nbytes for pair in layers for tensor in pair)
+                if nbytes > self.prefix_cache.max_bytes:
+                    raise ValueError(
+                        f"a prefix of {len(input_ids)} tokens takes {nbytes} bytes, more than the prefix cache's "
+                        f"max_bytes ({self.prefix_cache.max_bytes})"
+                    )
+                self.prefix_cache.insert(layout.keys, layers)
         return self.prefix_cache.nbytes
 
     # ---- state ------------------------------------------------------------------------------------------------
@@ -1047,13 +1152,29 @@ class Engine:
             )
 
 
-def _media_after(media: dict[str, torch.Tensor], num_images: int, num_clips: int) -> dict[str, torch.Tensor]:
-    """The media of a prompt that are not inside its first `num_images` images and `num_clips` clips."""
-    rest = {}
-    if "pixel_values" in media and len(media["pixel_values"]) > num_images:
-        rest["pixel_values"] = media["pixel_values"][num_images:]
-    if "input_features" in media and len(media["input_features"]) > num_clips:
-        rest["input_features"] = media["input_features"][num_clips:]
-        if "input_features_mask" in media:
-            rest["input_features_mask"] = media["input_features_mask"][num_clips:]
-    return rest
+def _chunk_end(keys: list, start: int, chunk: int) -> int:
+    """Where the chunk of a prompt (its prefix-cache keys) that starts at `start` ends: after at most `chunk`
+    positions, at a boundary. A media span is never cut: the chunk ends before it, or, when the span starts the chunk
+    and is longer than `chunk`, after it."""
+    end = boundary_before(keys, min(len(keys), start + chunk))
+    return end if end > start else boundary_after(keys, start + 1)
+
+
+def _aligned(rows: list[tuple[_Request, int]]) -> list[tuple[_Request, int, int]]:
+    """`(request, start, end)` of the rows of one prefill forward, each request feeding its positions up to `end`.
+
+    Rows are left-padded, so each row's cached positions and new ones must meet at the forward's first new column:
+    a row with a cache feeds the forward's full width, recomputing the last of its cached positions where it has
+    fewer new ones than the widest row (the forward would compute padding there otherwise); a row without one is
+    left-padded. A start inside a media span moves back to the span's start, which widens the forward.
+    """
+    width = max(end - request.prefilled for request, end in rows)
+    while True:
+        plan = [(request, boundary_before(request.keys, max(0, end - width)), end) for request, end in rows]
+        if _width(plan) == width:
+            return plan
+        width = _width(plan)
+
+
+def _width(plan: list[tuple[_Request, int, int]]) -> int:
+    return max(end - start for _, start, end in plan)

@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-__all__ = ["LatentBatch", "cache_layers", "cache_from_layers", "left_pad_layers", "padded_peak", "select_rows"]
+__all__ = [
+    "LatentBatch",
+    "cache_from_layers",
+    "cache_layers",
+    "left_pad_layers",
+    "padded_peak",
+    "select_rows",
+    "stack_rows",
+]
 
 
 def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -34,6 +42,13 @@ def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], model: Pr
 def left_pad_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> list[tuple[torch.Tensor, ...]]:
     """Left-pads every cache tensor with zeros along the sequence axis to `length` positions."""
     return [tuple(F.pad(tensor, (0, 0, length - tensor.shape[-2], 0)) for tensor in pair) for pair in layers]
+
+
+def stack_rows(rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]], length: int) -> list[tuple[torch.Tensor, ...]]:
+    """Caches (as `cache_layers` returns them) left-padded with zeros to `length` positions and stacked along the
+    batch axis, in order."""
+    padded = [left_pad_layers(layers, length) for layers in rows]
+    return [tuple(torch.cat(tensors, dim=0) for tensors in zip(*pairs)) for pairs in zip(*padded)]
 
 
 def select_rows(
@@ -121,10 +136,7 @@ class LatentBatch:
             self.positions, self.next_tokens = positions, next_tokens.to(device)
             return
         length = max(self.kv_length, attention_mask.shape[1])
-        old_layers = left_pad_layers(cache_layers(self.cache), length)
-        new_layers = left_pad_layers(cache_layers(cache), length)
-        merged = [tuple(torch.cat(pair, dim=0) for pair in zip(old, new)) for old, new in zip(old_layers, new_layers)]
-        self.cache = cache_from_layers(merged, self.model)
+        self.cache = cache_from_layers(stack_rows([cache_layers(self.cache), cache_layers(cache)], length), self.model)
         self.attention_mask = torch.cat(
             [
                 F.pad(self.attention_mask, (length - self.kv_length, 0)),
