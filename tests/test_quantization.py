@@ -1,19 +1,26 @@
 """INT8: post-training quantization through transformers' `TorchAoConfig`, and quantization-aware training through
-torchao's QAT API on a `Trainer` stage recipe; both save and load with `save_pretrained`/`from_pretrained`."""
+torchao's QAT API on a `Trainer` stage recipe, of the linear layers and the fused routed experts; both save with
+`save_pretrained` and load back."""
 
 import pytest
 import torch
 from conftest import TINY_MEDIA_KWARGS, TINY_TEXT_KWARGS
 from torch import nn
-from torchao.quantization import Int8Tensor
+from torchao.quantization import FqnToConfig, Int8Tensor, quantize_
 from torchao.quantization.qat import FakeQuantizedLinear
 from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
 
 from deepseekv3 import DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration
 from deepseekv3.data import build_multimodal_dataset, build_text_corpus
 from deepseekv3.quantization import (
+    EXPERT_PARAMETERS,
     FP32_MODULES,
+    INT8_EXPERTS_IMPLEMENTATION,
+    QAT_EXPERTS_IMPLEMENTATION,
     convert_qat,
+    has_int8_experts,
+    int8_quantization_config,
     is_int8_quantizable,
     load_int8_model,
     prepare_qat,
@@ -33,6 +40,18 @@ def is_fp32_module(name: str) -> bool:
     return any(kept in name.split(".") for kept in FP32_MODULES)
 
 
+def expert_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: parameter
+        for name, parameter in model.named_parameters()
+        if name.split(".")[-2] == "experts" and name.split(".")[-1] in EXPERT_PARAMETERS
+    }
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((output - reference).norm() / reference.norm())
+
+
 @pytest.fixture
 def saved_fp32(tmp_path):
     config = DeepseekV3MultimodalConfig(**TINY_TEXT_KWARGS, **TINY_MEDIA_KWARGS, use_attention_gate=True)
@@ -41,7 +60,7 @@ def saved_fp32(tmp_path):
     return model, tmp_path / "fp32"
 
 
-def test_ptq_quantizes_linear_layers_and_keeps_sensitive_modules_fp32(saved_fp32, tmp_path):
+def test_ptq_quantizes_linear_layers_and_experts_and_keeps_sensitive_modules_fp32(saved_fp32, tmp_path):
     fp32_model, path = saved_fp32
     model = load_int8_model(path).eval()
     weight_types = linear_weight_types(model)
@@ -50,7 +69,16 @@ def test_ptq_quantizes_linear_layers_and_keeps_sensitive_modules_fp32(saved_fp32
     }
     assert any(".head_gate." in name for name in weight_types) and "lm_head" in weight_types
     assert all(weight_types[name] is nn.Parameter for name in weight_types if is_fp32_module(name))
-    for name, parameter in model.named_parameters():  # the router, norms, embeddings, experts: untouched fp32
+    # the routed experts: int8 values, an fp32 scale per expert and output row, on the int8 experts kernel
+    experts = expert_weights(model)
+    assert set(experts) == {f"model.layers.1.mlp.experts.{name}" for name in EXPERT_PARAMETERS}
+    fp32_experts = expert_weights(fp32_model)
+    for name, weight in experts.items():
+        assert isinstance(weight, Int8Tensor) and weight.qdata.dtype == torch.int8
+        assert weight.qdata.shape == fp32_experts[name].shape and weight.scale.shape == (*weight.shape[:2], 1)
+        assert ((weight.dequantize() - fp32_experts[name]).abs() <= 0.5001 * weight.scale).all()  # round to nearest
+    assert has_int8_experts(model) and model.config._experts_implementation == INT8_EXPERTS_IMPLEMENTATION
+    for name, parameter in model.named_parameters():  # the router, norms, embeddings: untouched fp32
         if not isinstance(parameter, Int8Tensor):
             assert parameter.dtype == torch.float32, name
 
@@ -62,13 +90,111 @@ def test_ptq_quantizes_linear_layers_and_keeps_sensitive_modules_fp32(saved_fp32
     assert 0.98 < cosine and not torch.equal(quantized, expected)
 
     model.save_pretrained(tmp_path / "int8")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "int8").eval()
+    reloaded = load_int8_model(tmp_path / "int8").eval()
     assert linear_weight_types(reloaded) == weight_types
+    for name, weight in expert_weights(reloaded).items():
+        assert isinstance(weight, Int8Tensor) and torch.equal(weight.qdata, experts[name].qdata), name
+    assert reloaded.config._experts_implementation == INT8_EXPERTS_IMPLEMENTATION
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=input_ids).logits, quantized, atol=1e-6, rtol=1e-6)
     generated = reloaded.generate(input_ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(generated, model.generate(input_ids, max_new_tokens=5, do_sample=False))
     assert generated.shape == (2, 17)
+    # a plain from_pretrained picks the int8 experts kernel by itself; "eager" (torchao's int8 linear, one expert at a
+    # time) computes the same
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "int8").eval()
+    assert plain.config._experts_implementation == INT8_EXPERTS_IMPLEMENTATION
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path / "int8", experts_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=input_ids).logits, quantized, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(eager(input_ids=input_ids).logits, quantized, atol=1e-5, rtol=0)
+
+
+def test_ptq_of_the_linear_layers_only_keeps_the_experts_fp32_and_the_checkpoint_larger(saved_fp32, tmp_path):
+    fp32_model, path = saved_fp32
+    linear_only = load_int8_model(path, include_experts=False)
+    assert not has_int8_experts(linear_only)
+    assert all(type(weight) is nn.Parameter for weight in expert_weights(linear_only).values())
+    assert {name for name, kind in linear_weight_types(linear_only).items() if kind is Int8Tensor} == {
+        name for name in linear_weight_types(linear_only) if not is_fp32_module(name)
+    }
+    sizes = {}
+    for name, model in (("linear_only", linear_only), ("with_experts", load_int8_model(path))):
+        model.save_pretrained(tmp_path / name)
+        sizes[name] = (tmp_path / name / "model.safetensors").stat().st_size
+    # 1 byte per expert weight instead of 4, plus an fp32 scale and an int8 zero point per row
+    experts = expert_weights(fp32_model).values()
+    expert_bytes = sum(4 * weight.numel() for weight in experts)
+    row_bytes = sum(5 * weight.shape[0] * weight.shape[1] for weight in experts)
+    saved = sizes["linear_only"] - sizes["with_experts"]
+    assert 0.75 * expert_bytes - row_bytes - 4096 < saved <= 0.75 * expert_bytes - row_bytes + 4096
+    assert sizes["with_experts"] < sizes["linear_only"] < (path / "model.safetensors").stat().st_size
+
+
+def tiny_experts(seed: int) -> tuple[DeepseekV3Experts, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """transformers' routed experts (8 experts, hidden 64, intermediate 32) at std 0.1, and a routed batch of 40
+    tokens (2 experts each)."""
+    torch.manual_seed(seed)
+    config = DeepseekV3MultimodalConfig(**{**TINY_TEXT_KWARGS, "hidden_size": 64, "moe_intermediate_size": 32})
+    experts = DeepseekV3Experts(config)
+    for weight in (experts.gate_up_proj, experts.down_proj):
+        nn.init.normal_(weight, std=0.1)
+    top_k_index = torch.stack([torch.randperm(8)[:2] for _ in range(40)])
+    return experts, (torch.randn(40, 64), top_k_index, torch.rand(40, 2))
+
+
+def quantize_experts(experts: DeepseekV3Experts) -> None:
+    """PTQ of a bare experts module, with the torchao config `int8_quantization_config` gives the experts (the
+    same for every name it quantizes)."""
+    config = next(iter(int8_quantization_config().quant_type.fqn_to_config.values()))
+    quantize_(experts, FqnToConfig(dict.fromkeys(EXPERT_PARAMETERS, config)), filter_fn=None)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_int8_experts_kernel_matches_torchao_int8_linear_and_stays_close_to_fp32(seed):
+    experts, routed = tiny_experts(seed)
+    experts.config._experts_implementation = "eager"
+    with torch.no_grad():
+        expected = experts(*routed)
+    quantize_experts(experts)
+    outputs = {}
+    for implementation in (INT8_EXPERTS_IMPLEMENTATION, "eager"):  # "eager": torchao's int8 linear per expert
+        experts.config._experts_implementation = implementation
+        with torch.no_grad():
+            outputs[implementation] = experts(*routed)
+    quantized = outputs[INT8_EXPERTS_IMPLEMENTATION]
+    # the same int8 values, scales and zero points: equal to float rounding
+    torch.testing.assert_close(quantized, outputs["eager"], atol=1e-5, rtol=0)
+    # int8 rounding of two projections' weights and activations: about 1.4% of the output's norm at these sizes
+    assert 0.005 < relative_error(quantized, expected) < 0.03
+
+
+def test_fake_quantized_experts_compute_the_int8_kernel_and_pass_gradients_straight_through():
+    experts, (hidden_states, top_k_index, top_k_weights) = tiny_experts(2)
+    hidden_states.requires_grad_(True)
+    top_k_weights.requires_grad_(True)
+    parameters = (experts.gate_up_proj, experts.down_proj, hidden_states, top_k_weights)
+
+    def forward_and_gradients(implementation: str) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        experts.config._experts_implementation = implementation
+        output = experts(hidden_states, top_k_index, top_k_weights)
+        return output.detach(), torch.autograd.grad(output.pow(2).sum(), parameters)
+
+    expected, fp32_gradients = forward_and_gradients("eager")
+    fake_quantized, qat_gradients = forward_and_gradients(QAT_EXPERTS_IMPLEMENTATION)
+    assert 0.005 < relative_error(fake_quantized, expected) < 0.03
+    # straight-through (the rounding passes gradients unchanged): the fp32 gradients, taken at weights and activations
+    # about 1% off (cosines 0.97 to 1.0 on seeds 0-2; without straight-through gradients they would be zero)
+    for qat_gradient, fp32_gradient in zip(qat_gradients, fp32_gradients, strict=True):
+        cosine = torch.nn.functional.cosine_similarity(qat_gradient.flatten(), fp32_gradient.flatten(), dim=0)
+        assert 0.95 < cosine and not torch.equal(qat_gradient, fp32_gradient)
+    # converted, the int8 experts compute what training simulated
+    quantize_experts(experts)
+    experts.config._experts_implementation = INT8_EXPERTS_IMPLEMENTATION
+    with torch.no_grad():
+        torch.testing.assert_close(
+            experts(hidden_states, top_k_index, top_k_weights), fake_quantized, atol=1e-5, rtol=0
+        )
 
 
 def test_head_skipping_leaves_int8_projections_whole(saved_fp32):
@@ -100,6 +226,9 @@ def test_quantize_filter_and_errors(saved_fp32, tmp_path):
         convert_qat(model, tmp_path / "never")
     with pytest.raises(ValueError, match="stage 'lora' trains adapters only"):
         train_qat(model, [], TrainingArguments(output_dir=str(tmp_path)), tmp_path / "never", stage="lora")
+    model.set_experts_implementation(INT8_EXPERTS_IMPLEMENTATION)
+    with pytest.raises(ValueError, match="needs int8 expert weights"), torch.no_grad():
+        model(input_ids=torch.randint(5, 96, (1, 4)))
 
 
 # the plain patch projection: these tests quantize the decoder's linear layers, and the int8-vs-fake-quantized
@@ -148,13 +277,18 @@ def test_qat_runs_end_to_end_on_the_trainer_recipe(tmp_path):
     batch = torch.randint(5, len(tokenizer), (2, 16))
     arguments = training_arguments(tmp_path / "run", max_steps=2, logging_steps=1)
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    experts_implementation = model.config._experts_implementation
     quantized = train_qat(model, examples, arguments, tmp_path / "trained").eval()
     changed = [name for name, parameter in model.named_parameters() if not torch.equal(parameter, before[name])]
     assert any(".self_attn.o_proj." in name for name in changed)
+    assert set(expert_weights(model)) <= set(changed)
     assert not any(isinstance(module, FakeQuantizedLinear) for module in model.modules())  # converted back
+    assert model.config._experts_implementation == experts_implementation
 
     weight_types = linear_weight_types(quantized)
     assert {name for name, kind in weight_types.items() if kind is Int8Tensor} == expected_int8
+    assert all(isinstance(weight, Int8Tensor) for weight in expert_weights(quantized).values())
+    assert quantized.config._experts_implementation == INT8_EXPERTS_IMPLEMENTATION
     # the int8 model computes what fake quantization simulated during training, which is not the fp32 model
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "trained").eval()
     with torch.no_grad():
@@ -162,12 +296,13 @@ def test_qat_runs_end_to_end_on_the_trainer_recipe(tmp_path):
         int8_logits = quantized(input_ids=batch).logits
         fake_quantized = prepare_qat(trained)
         assert {n for n, m in fake_quantized.named_modules() if isinstance(m, FakeQuantizedLinear)} == expected_int8
+        assert fake_quantized.config._experts_implementation == QAT_EXPERTS_IMPLEMENTATION
         fake_logits = fake_quantized(input_ids=batch).logits
     assert (fake_logits - fp32_logits).abs().max() > 1e-3
     torch.testing.assert_close(int8_logits, fake_logits, atol=1e-4, rtol=0)
 
     quantized.save_pretrained(tmp_path / "int8")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "int8").eval()
+    reloaded = load_int8_model(tmp_path / "int8").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=batch).logits, int8_logits, atol=1e-6, rtol=1e-6)
     assert reloaded.generate(batch, max_new_tokens=3, do_sample=False).shape == (2, 19)
