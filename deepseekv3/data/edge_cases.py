@@ -16,13 +16,13 @@ share. Its rows are of three kinds, `EDGE_CASE_KINDS`:
   its 3x3 convolutions do, so an object at the border is seen by fewer windows, and by part-empty ones. In core
   scenes 23% of the objects touch a side, and every object of only 5% of the scenes. Border scenes hold two or three
   objects (half each): one object alone against a side has too few scenes to stay apart from the core (about 4,500
-  at 32 pixels, of which the demo's 9,400 core images already show about 300).
+  at 32 pixels, of which the demo's 9,400 core images of the time showed about 300).
 - `close_onsets`: clips of three tones back to back, with no silence between them (`gap_fraction=0`). Core clips
   always leave 8% of the clip silent between two tones, so counting and ordering tones can lean on the gaps; here
   only the change of pitch and the tones' 10 ms fades mark where one ends and the next begins.
 
-The close-onset clips also serve the rarest templates of the demo's mix: its 9,400 images over 5 image templates
-against 2,000 clips over 3 audio templates make 1,880 rows per image template but 667 per audio template, so the
+The close-onset clips also serve the rarest templates of the demo's mix: its 20,000 images over 5 image templates
+against 4,000 clips over 3 audio templates make 4,000 rows per image template but 1,333 per audio template, so the
 audio templates are the rarest, and the edge set gives them rows of their own.
 
 Edge rows stay apart from the core rows of the same seed: by construction for clips, since a core clip's tones are
