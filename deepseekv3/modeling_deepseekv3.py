@@ -279,21 +279,6 @@ class DeepseekV3MultimodalPreTrainedModel(DeepseekV3PreTrainedModel):
             if isinstance(layer, DeepseekV3MultimodalDecoderLayer):
                 layer.self_attn.__dict__.pop("forward", None)
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then, for a checkpoint whose routed experts are int8
-        (`deepseekv3.quantization`), the int8 experts kernel unless `experts_implementation` is given: transformers
-        does not save that choice, and its default kernels cannot run torchao's `Int8Tensor`."""
-        model = super().from_pretrained(*args, **kwargs)
-        if "experts_implementation" not in kwargs and getattr(model.config, "quantization_config", None) is not None:
-            try:
-                from deepseekv3.quantization import INT8_EXPERTS_IMPLEMENTATION, has_int8_experts
-            except ImportError:  # torchao missing, or remote code without the package (the try hides it from the scan)
-                return model
-            if has_int8_experts(model):
-                model.set_experts_implementation(INT8_EXPERTS_IMPLEMENTATION)
-        return model
-
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, listing every model class of this file in `auto_map`.
 

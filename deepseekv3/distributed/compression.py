@@ -64,11 +64,17 @@ _SCALE_BYTES = 4  # one fp32 scale per chunk
 _DECODE_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
-# Every hook group, kept until the interpreter exits. The exchange's callbacks run on the gloo worker thread and are
-# released there; were the last reference to their group dropped on that thread (the state freed, then
-# `destroy_process_group` run by the main thread while a callback was still finishing), the group's destructor would
-# join the thread it runs on and abort the process ("Resource deadlock avoided"). One small group per state.
+# Every group an exchange runs on (the hook's private groups, and the groups `compressed_allreduce` is called with),
+# kept until the interpreter exits. The exchange's callbacks run on the gloo worker thread and are released there;
+# were the last reference to their group dropped on that thread (the state freed, or `destroy_process_group` run by
+# the main thread while a callback that already completed the caller's future was still finishing), the group's
+# destructor would join the thread it runs on and abort the process ("Resource deadlock avoided").
 _HOOK_GROUPS: list[dist.ProcessGroup] = []
+
+
+def _keep_alive(group: dist.ProcessGroup) -> None:
+    if not any(kept is group for kept in _HOOK_GROUPS):
+        _HOOK_GROUPS.append(group)
 
 
 def quantize_4bit(values: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +213,7 @@ class FourBitCompressionState:
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         ranks = dist.get_process_group_ranks(group)
         hook_group = dist.new_group(ranks, backend=dist.get_backend(group), use_local_synchronization=True)
-        _HOOK_GROUPS.append(hook_group)
+        _keep_alive(hook_group)
         return hook_group
 
     def _group_for_hook(self) -> dist.ProcessGroup:
@@ -306,6 +312,7 @@ def _compressed_allreduce_async(
     The average is written into `out` (contiguous, `tensor`'s shape and dtype; may be `tensor` itself, read only in
     phase 1) or a new tensor. The error-feedback buffers are updated only when the exchange ends, and left as they
     were if any rank had a non-finite value."""
+    _keep_alive(group)
     world_size = dist.get_world_size(group)
     chunk_size = state.chunk_size
     numel = tensor.numel()
