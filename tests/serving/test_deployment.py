@@ -384,7 +384,7 @@ def test_serve_help_lists_the_deployment_flags(capsys):
     help_text = capsys.readouterr().out
     flags = ["--device", "--dtype", "--api-key", "--socket-timeout", "--max-connections", "--max-images-per-request"]
     flags += ["--max-clips-per-request", "--max-image-pixels", "--image-formats", "--drain-timeout"]
-    flags += ["--log-prompt-tokens", "--max-consecutive-faults", "DEEPSEEKV3_API_KEY"]
+    flags += ["--log-prompt-tokens", "--max-consecutive-faults", "--prefill-chunk-tokens", "DEEPSEEKV3_API_KEY"]
     assert all(flag in help_text for flag in flags), [flag for flag in flags if flag not in help_text]
 
 
@@ -417,6 +417,7 @@ def test_serve_flags_reach_the_configs(built, tmp_path, monkeypatch):
     command += ["--max-connections", "3", "--max-images-per-request", "1", "--max-clips-per-request", "0"]
     command += ["--max-image-pixels", "100", "--image-formats", "png,jpeg", "--drain-timeout", "2.5"]
     command += ["--log-prompt-tokens", "7", "--max-consecutive-faults", "9", "--default-max-tokens", "4"]
+    command += ["--prefill-chunk-tokens", "64"]
     with pytest.raises(SystemExit, match="recorded"):
         main(command)
     _, server_config, engine_config, *_ = built["args"]
@@ -427,11 +428,15 @@ def test_serve_flags_reach_the_configs(built, tmp_path, monkeypatch):
     assert (server_config.max_image_pixels, server_config.image_formats) == (100, ("PNG", "JPEG"))
     assert server_config.default_max_tokens == 4
     assert (engine_config.log_prompt_tokens, engine_config.max_consecutive_faults) == (7, 9)
+    assert engine_config.prefill_chunk_tokens == 64
     assert built["kwargs"] == {"device": torch.device("cpu"), "dtype": torch.float16}
     with pytest.raises(SystemExit, match="recorded"):
         main(["serve", str(tmp_path), "--api-key", "from-flag"])
     assert built["args"][1].api_key == "from-flag"
     assert "from-flag" not in repr(built["args"][1])
+    with pytest.raises(SystemExit, match="recorded"):
+        main(["serve", str(tmp_path), "--prefill-chunk-tokens", "0"])  # 0 turns chunked prefill off
+    assert built["args"][2].prefill_chunk_tokens is None
 
 
 @pytest.mark.parametrize(
