@@ -1,6 +1,7 @@
 """The `deepseekv3` command: argument parsing and dispatch to the package's modules.
 
 deepseekv3 convert SRC DST [--base-model HUB_ID]
+deepseekv3 export --to deepseek_v3 SRC DST
 deepseekv3 demo [--output ./outputs/demo] [--quick]
 deepseekv3 train --stage {contrastive,distill,instruct,lora,grpo,dpo} --output_dir DIR [any TrainingArguments option]
 deepseekv3 train --stages contrastive,distill,instruct,grpo --output_dir DIR [--stage_steps contrastive=200,...] [...]
@@ -23,6 +24,16 @@ def _convert(args: argparse.Namespace) -> None:
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise SystemExit(f"deepseekv3 convert: error: {error}") from error
     print(f"converted {args.src} -> {dst_dir}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import export_checkpoint
+
+    try:
+        dst_dir = export_checkpoint(args.src, args.dst, to=args.to)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        raise SystemExit(f"deepseekv3 export: error: {error}") from error
+    print(f"exported {args.src} -> {dst_dir} ({args.to})")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -131,6 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="the source's Hub id, the model card's base_model (default: read from a Hugging Face cache path)",
     )
     convert.set_defaults(handler=_convert)
+
+    export = commands.add_parser(
+        "export",
+        help="export a checkpoint with the new features off as a plain transformers checkpoint (vLLM, SGLang)",
+    )
+    export.add_argument(
+        "--to",
+        default="deepseek_v3",
+        choices=["deepseek_v3"],
+        help="the target: transformers' DeepseekV3ForCausalLM (default: %(default)s)",
+    )
+    export.add_argument("src", help="directory written by this model's save_pretrained, every new feature off")
+    export.add_argument("dst", help="directory to write (must not exist, or be empty)")
+    export.set_defaults(handler=_export)
 
     demo = commands.add_parser(
         "demo", help="train a small model through the three alignment stages and LoRA on the built-in data (CPU)"

@@ -14,17 +14,18 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub import ModelCard
 from safetensors import safe_open
-from transformers import DeepseekV3Config, GenerationConfig
+from transformers import DeepseekV3Config, GenerationConfig, PreTrainedModel
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
-from transformers.utils import GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .configuration_deepseekv3 import DeepseekV3MultimodalConfig
 from .model_card import build_model_card
@@ -37,17 +38,22 @@ _SOURCE_MODEL_TYPE = DeepseekV3Config.model_type
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def _read_source_config(src_dir: Path) -> DeepseekV3Config:
+def _model_type_of(src_dir: Path) -> str | None:
+    """The `model_type` in the source's `config.json`, once the directory and the file are known to exist."""
     if not src_dir.is_dir():
         raise FileNotFoundError(f"source checkpoint directory {src_dir} does not exist or is not a directory")
-    config_file = src_dir / "config.json"
+    config_file = src_dir / CONFIG_NAME
     if not config_file.is_file():
-        raise FileNotFoundError(f"{src_dir} has no config.json: it is not a transformers checkpoint directory")
-    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        raise FileNotFoundError(f"{src_dir} has no {CONFIG_NAME}: it is not a transformers checkpoint directory")
+    return json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+
+
+def _read_source_config(src_dir: Path) -> DeepseekV3Config:
+    model_type = _model_type_of(src_dir)
     if model_type != _SOURCE_MODEL_TYPE:
         raise ValueError(
-            f"{config_file} has model_type {model_type!r}; convert expects a transformers DeepSeek-V3 checkpoint "
-            f"(model_type {_SOURCE_MODEL_TYPE!r})"
+            f"{src_dir / CONFIG_NAME} has model_type {model_type!r}; convert expects a transformers DeepSeek-V3 "
+            f"checkpoint (model_type {_SOURCE_MODEL_TYPE!r})"
         )
     return DeepseekV3Config.from_pretrained(src_dir)
 
@@ -70,8 +76,8 @@ def _source_weight_files(src_dir: Path) -> list[Path]:
     if (src_dir / SAFE_WEIGHTS_NAME).is_file():
         return [src_dir / SAFE_WEIGHTS_NAME]
     raise FileNotFoundError(
-        f"{src_dir} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}: convert takes safetensors weights "
-        "only (pickled .bin files are never unpickled)"
+        f"{src_dir} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}: only safetensors weights are "
+        "taken (pickled .bin files are never unpickled)"
     )
 
 
@@ -85,7 +91,7 @@ def _stored_shapes(weight_files: list[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _expected_shapes(model: DeepseekV3MultimodalForConditionalGeneration) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(model: PreTrainedModel) -> dict[str, tuple[int, ...]]:
     """Name and shape of every tensor `model.save_pretrained` writes: experts one per expert, tied weights once."""
     state_dict = remove_tied_weights_from_state_dict(model.state_dict(), model)
     return {key: tuple(tensor.shape) for key, tensor in revert_weight_conversion(model, state_dict).items()}
@@ -96,29 +102,37 @@ def _without(keys: set[str], patterns: Iterable[str] | None) -> list[str]:
     return sorted(key for key in keys if not any(re.search(pattern, key) for pattern in patterns or ()))
 
 
-def _check_weights_match(
-    model: DeepseekV3MultimodalForConditionalGeneration,
-    stored: dict[str, tuple[int, ...]],
-    src_dir: Path,
-    changed_fields: dict[str, Any],
-) -> None:
+def _weight_mismatches(model: PreTrainedModel, stored: dict[str, tuple[int, ...]], written: str) -> str | None:
+    """How the stored tensors differ from those `model` loads (`written`: "converted", "exported"); `None` if they
+    do not."""
     expected = _expected_shapes(model)
     # from_pretrained's exceptions, e.g. DeepSeek-V3's multi-token-prediction layer 61 is skipped without a word
     problems = {
         "missing from the source": _without(expected.keys() - stored.keys(), model._keys_to_ignore_on_load_missing),
-        "not used by the converted model": _without(
+        f"not used by the {written} model": _without(
             stored.keys() - expected.keys(), model._keys_to_ignore_on_load_unexpected
         ),
         "with a different shape": [
-            f"{key} {list(stored[key])} in the source, {list(expected[key])} converted"
+            f"{key} {list(stored[key])} in the source, {list(expected[key])} {written}"
             for key in sorted(expected.keys() & stored.keys())
             if stored[key] != expected[key]
         ],
     }
     problems = {what: keys for what, keys in problems.items() if keys}
     if not problems:
+        return None
+    return "; ".join(f"{len(keys)} key(s) {what}: {', '.join(keys[:5])}" for what, keys in problems.items())
+
+
+def _check_weights_match(
+    model: DeepseekV3MultimodalForConditionalGeneration,
+    stored: dict[str, tuple[int, ...]],
+    src_dir: Path,
+    changed_fields: dict[str, Any],
+) -> None:
+    details = _weight_mismatches(model, stored, "converted")
+    if details is None:
         return
-    details = "; ".join(f"{len(keys)} key(s) {what}: {', '.join(keys[:5])}" for what, keys in problems.items())
     message = f"the weights in {src_dir} do not match the converted model exactly: {details}"
     if changed_fields:
         fields = ", ".join(f"{name}={value!r}" for name, value in changed_fields.items())
@@ -172,6 +186,23 @@ def _link_or_copy(source: Path, destination: Path) -> None:
         os.link(source, destination)
     except OSError:  # another file system (EXDEV), or one without hard links
         shutil.copy2(source, destination)
+
+
+@contextmanager
+def _staging_directory(dst_dir: Path) -> Iterator[Path]:
+    """A temporary directory next to `dst_dir` to write the checkpoint into: renamed to `dst_dir` when the block
+    ends, removed (with all it holds) when the block raises, so an interrupted write never leaves a half-written
+    `dst_dir`."""
+    dst_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging_dir = Path(tempfile.mkdtemp(prefix=f".{dst_dir.name}.", suffix=".partial", dir=dst_dir.parent))
+    try:
+        staging_dir.chmod(0o755)  # mkdtemp creates 0700; the checkpoint is meant to be shared
+        yield staging_dir
+        # rename(2) is atomic on one file system and replaces an empty directory.
+        os.replace(staging_dir, dst_dir)
+    except BaseException:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        raise
 
 
 def convert_checkpoint(
@@ -230,10 +261,7 @@ def convert_checkpoint(
     if (src_dir / GENERATION_CONFIG_NAME).is_file():
         model.generation_config = GenerationConfig.from_pretrained(src_dir)
 
-    dst_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging_dir = Path(tempfile.mkdtemp(prefix=f".{dst_dir.name}.", suffix=".partial", dir=dst_dir.parent))
-    try:
-        staging_dir.chmod(0o755)  # mkdtemp creates 0700; the checkpoint is meant to be shared
+    with _staging_directory(dst_dir) as staging_dir:
         # An empty state dict: save_pretrained writes config.json (architectures, dtype, auto_map),
         # generation_config.json and the code files, and no weights. It runs before the weights arrive, as it
         # deletes shard-named files it did not write itself.
@@ -247,9 +275,4 @@ def convert_checkpoint(
         _converted_model_card(config, src_dir, dst_dir, base_model or _hub_id_of(src_dir), changed_fields).save(
             staging_dir / "README.md"
         )
-        # rename(2) is atomic on one file system and replaces an empty directory.
-        os.replace(staging_dir, dst_dir)
-    except BaseException:
-        shutil.rmtree(staging_dir, ignore_errors=True)
-        raise
     return dst_dir
