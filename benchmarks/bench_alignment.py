@@ -1,11 +1,14 @@
 """What each alignment stage buys, at equal compute, on held-out test questions, over seeds.
 
-Command (from the repository root; the default, 4 variants x 3 seeds, took 46 minutes on 2 CPU cores):
+Command (from the repository root; the default, 4 variants x 3 seeds, took 89 minutes on 2 CPU cores, in two sittings
+of two variants combined with `--combine`):
 
     .venv/bin/python benchmarks/bench_alignment.py
     .venv/bin/python benchmarks/bench_alignment.py --seeds 0 --variants A B     # one pair, a few minutes
     # another schedule, to compare on the validation split (`validation_after` of each run)
     .venv/bin/python benchmarks/bench_alignment.py --variants A --stage_steps distill=1800,instruct=600 --output a.json
+    # runs done in two sittings (the same settings), summarised together without training anything
+    .venv/bin/python benchmarks/bench_alignment.py --combine ab.json cd.json
 
 The demo's data, tokenizer, model and schedule (`deepseekv3.training.demo`, `DemoSettings()`), every variant of
 `deepseekv3.training.ablations` from the same initial weights per seed, for the same total optimizer steps:
@@ -24,7 +27,10 @@ with a 95% t-interval; the floors (`floor_accuracies`: chance, majority answer, 
 one to beat). The validation accuracy after each stage is recorded too; nothing here is chosen on the test split.
 Runs go two at a time in spawned processes of one torch thread each.
 
-Writes `benchmarks/results/bench_alignment.json` (every run's figures, the summary and the command).
+Writes `benchmarks/results/bench_alignment.json` (every run's figures, the summary, the command and the commit).
+`--combine` reads finished results files instead of training: their settings must be equal and no variant may appear
+twice at one seed (every run is deterministic given its settings, variant and seed); the combined file keeps each
+part's command, seconds and source.
 """
 
 import argparse
@@ -40,7 +46,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from _harness import machine_info
+from _harness import machine_info, source_info
 from tqdm.auto import tqdm
 
 from deepseekv3.training.ablations import VARIANTS
@@ -154,7 +160,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--num_images", type=int, default=DemoSettings.num_images, help="images over all splits")
     parser.add_argument("--num_clips", type=int, default=DemoSettings.num_clips, help="audio clips over all splits")
     parser.add_argument("--output", type=Path, default=RESULTS_PATH)
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        metavar="RESULTS",
+        help="summarise these results files together; no training",
+    )
     args = parser.parse_args(argv)
+    if args.combine:
+        return write_result(combine_results(args.combine), args.output)
     stage_steps = DemoSettings().stage_steps | _split_steps(args.stage_steps, ("contrastive", "distill", "instruct"))
     settings = asdict(
         DemoSettings(
@@ -175,20 +190,55 @@ def main(argv=None) -> dict:
             runs.append(future.result())
     runs.sort(key=lambda run: (run["seed"], run["variant"]))
     floors = runs[0]["floors"]
-    summary = summarize(runs)
-    print_tables(summary, floors)
     result = {
         "command": "python benchmarks/bench_alignment.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine_info("cuda" if torch.cuda.is_available() else "cpu"),
+        "source": source_info(),
         "seconds": round(time.perf_counter() - started, 1),
         "settings": settings,
         "floors": floors,
-        "summary": summary,
+        "summary": summarize(runs),
         "runs": [{key: value for key, value in run.items() if key != "floors"} for run in runs],
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
-    print(f"{len(runs)} runs in {result['seconds'] / 60:.1f} min; written to {args.output}")
+    return write_result(result, args.output)
+
+
+def combine_results(paths: list[Path]) -> dict:
+    """One result from several results files of the same settings (runs done in separate sittings)."""
+    parts = [(path, json.loads(path.read_text())) for path in paths]
+    first_path, first = parts[0]
+    runs, seen = [], {}
+    for path, part in parts:
+        if part["settings"] != first["settings"]:
+            changed = sorted(
+                k
+                for k in first["settings"].keys() | part["settings"].keys()
+                if first["settings"].get(k) != part["settings"].get(k)
+            )
+            raise ValueError(f"{path} was run with other settings than {first_path}: {', '.join(changed)} differ")
+        for run in part["runs"]:
+            key = (run["variant"], run["seed"])
+            if key in seen:
+                raise ValueError(f"variant {key[0]} at seed {key[1]} is in both {seen[key]} and {path}")
+            seen[key] = path
+            runs.append(run)
+    runs.sort(key=lambda run: (run["seed"], run["variant"]))
+    return {
+        "command": "python benchmarks/bench_alignment.py --combine " + " ".join(str(path) for path in paths),
+        "parts": [{key: part.get(key) for key in ("command", "machine", "source", "seconds")} for _, part in parts],
+        "seconds": round(sum(part["seconds"] for _, part in parts), 1),
+        "settings": first["settings"],
+        "floors": first["floors"],
+        "summary": summarize(runs),
+        "runs": runs,
+    }
+
+
+def write_result(result: dict, output: Path) -> dict:
+    print_tables(result["summary"], result["floors"])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    print(f"{len(result['runs'])} runs in {result['seconds'] / 60:.1f} min; written to {output}")
     return result
 
 
