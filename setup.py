@@ -26,6 +26,7 @@ setup(
         "hub": ["olah"],
         "distributed": ["accelerate>=1.10", "deepspeed>=0.19"],
         "quantization": ["torchao>=0.18"],
+        "ray": ["ray[serve]>=2.60", "httpx"],  # `deepseekv3 serve --ray-replicas N`: replicas on Ray Serve
         "dev": [
             "accelerate>=1.10",
             "peft>=0.17",
@@ -42,6 +43,8 @@ setup(
             "olah",
             "openai>=3.0",
             "playwright>=1.65",  # drives Debian's chromium (apt-get install chromium) in the chat page's tests
+            "ray[serve]>=2.60",
+            "httpx",
         ],
     },
     entry_points={"console_scripts": ["deepseekv3=deepseekv3.cli:main"]},

@@ -6,6 +6,7 @@ deepseekv3 demo [--output ./outputs/demo] [--quick]
 deepseekv3 train --stage {contrastive,distill,instruct,lora,grpo,dpo} --output_dir DIR [any TrainingArguments option]
 deepseekv3 train --stages contrastive,distill,instruct,grpo --output_dir DIR [--stage_steps contrastive=200,...] [...]
 deepseekv3 serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--device cuda] [--dtype auto] [--api-key KEY] ...
+deepseekv3 serve MODEL_DIR --ray-replicas N [--ray-address auto] [--ray-gpus-per-replica 0.5] ...
 """
 
 import argparse
@@ -98,6 +99,12 @@ def _serve(args: argparse.Namespace) -> None:
             log_prompt_tokens=args.log_prompt_tokens,
             max_consecutive_faults=args.max_consecutive_faults,
         )
+    except ValueError as error:
+        raise SystemExit(f"deepseekv3 serve: error: {error}") from error
+    if args.ray_replicas is not None:
+        _serve_on_ray(args, server_config, engine_config)
+        return
+    try:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         server = build_server(
@@ -112,14 +119,52 @@ def _serve(args: argparse.Namespace) -> None:
         )
     except (OSError, ValueError) as error:
         raise SystemExit(f"deepseekv3 serve: error: {error}") from error
-    # Ctrl-C and a process manager's SIGTERM both stop the server cleanly, also where the parent started this
-    # process with SIGINT ignored (a background job of a non-interactive shell)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    _stop_on_signals()
     routes, dtype_name = "POST /v1/chat/completions, GET /health", str(dtype).removeprefix("torch.")
     print(f"serving {server_config.model_name} on {server.url} ({routes}; {device}, {dtype_name})", flush=True)
     try:
         server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and a process manager's SIGTERM both stop the server cleanly (`KeyboardInterrupt`), also where the parent
+    started this process with SIGINT ignored (a background job of a non-interactive shell)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def _serve_on_ray(args: argparse.Namespace, server_config, engine_config) -> None:
+    """`deepseekv3 serve --ray-replicas N`: N engine replicas behind Ray Serve's HTTP proxy (`ray_deployment`)."""
+    try:
+        from .serving.ray_deployment import build_app, serve_forever
+
+        app = build_app(
+            args.model_dir,
+            server_config,
+            engine_config,
+            args.ray_replicas,
+            args.lite_model,
+            args.engine_state,
+            args.warm_up_system,
+            device=args.device,
+            dtype=args.dtype,
+            ray_actor_options={"num_gpus": args.ray_gpus_per_replica} if args.ray_gpus_per_replica else None,
+        )
+    except (ImportError, OSError, ValueError) as error:
+        raise SystemExit(f"deepseekv3 serve: error: {error}") from error
+    _stop_on_signals()
+    url = f"http://{server_config.host}:{server_config.port}"
+    routes = "POST /v1/chat/completions, GET /health"
+
+    def report() -> None:
+        print(
+            f"serving {server_config.model_name} on {url} ({routes}; {args.ray_replicas} replicas on Ray)", flush=True
+        )
+
+    try:
+        serve_forever(app, server_config, args.ray_address, on_ready=report)
     except KeyboardInterrupt:
         pass
 
@@ -262,6 +307,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine-state", default=None, help="directory written by Engine.save_state")
     serve.add_argument(
         "--warm-up-system", action="append", default=[], help="a system prompt to prefill ahead (repeatable)"
+    )
+    serve.add_argument(
+        "--ray-replicas",
+        type=int,
+        default=None,
+        help="serve N engine replicas behind Ray Serve's HTTP proxy on --host/--port, requests with the same first "
+        "message on the same replica (needs the ray extra: pip install 'deepseekv3[ray]')",
+    )
+    serve.add_argument(
+        "--ray-address",
+        default=None,
+        help="with --ray-replicas: the Ray cluster to join, e.g. auto (default: $RAY_ADDRESS, or a cluster started "
+        "with `ray start` on this machine, else a new local one)",
+    )
+    serve.add_argument(
+        "--ray-gpus-per-replica",
+        type=float,
+        default=0,
+        help="with --ray-replicas: GPUs each replica reserves; 0.5 puts two replicas on a GPU (default: %(default)s)",
     )
     serve.set_defaults(handler=_serve)
 
