@@ -8,10 +8,18 @@ fake-quantized: the same run's last `--qat-steps` steps (optimizer state, learni
 continued) are trained again with fake quantization, so QAT and fp32 differ by fake quantization alone. (Fine-tuning
 the finished model again, 40 steps of a fresh optimizer and schedule at a learning rate of 3e-5 or 3e-4, moved its
 accuracy by -4.6 to +1.0 points with the data order, with or without fake quantization.) Training both takes 15
-minutes on 2 busy CPU cores; later runs of either benchmark reuse the cache until `--retrain`.
+minutes on 2 busy CPU cores; later runs of `bench_int8.py` reuse the cache until `--retrain`.
+
+`bench_head_skipping.py` measures its own pairs of models (`load_head_skipping_model`): per seed, the demo model
+trained by the same instruction recipe with the gate-sparsity penalty (`penalised`) and without it (`unpenalised`,
+`attention_gate_sparsity_weight = 0`), from the same initial weights and on the same batches, on the demo's data and
+splits (`prepare_demo_data`, every validation and test row of the seen question types), cached under
+`--cache-dir/head_skipping/seed{n}/{penalised,unpenalised}` with a `training.json` record; a cached model whose
+record holds other settings is trained again.
 """
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -22,16 +30,25 @@ from deepseekv3.data import build_multimodal_dataset, build_text_corpus, split_h
 from deepseekv3.quantization import load_int8_model, train_qat
 from deepseekv3.tokenization import train_tokenizer
 from deepseekv3.training.collators import encode_rows
-from deepseekv3.training.demo import DemoSettings, build_demo_model, stage_training_arguments
+from deepseekv3.training.demo import (
+    DemoData,
+    DemoSettings,
+    build_demo_model,
+    prepare_demo_data,
+    stage_training_arguments,
+)
 from deepseekv3.training.recipes import build_stage_trainer, select_stage_examples
 
 ROOT = Path(__file__).resolve().parents[1]
+CACHE_DIR = ROOT / "outputs" / "efficiency_models"
 MODEL_VARIANTS = ("fp32", "int8_ptq", "int8_qat")
+# bench_head_skipping's twins: their `attention_gate_sparsity_weight` is the given penalty, or 0
+HEAD_SKIPPING_VARIANTS = ("penalised", "unpenalised")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that say which models to train, and where they are cached."""
-    parser.add_argument("--cache-dir", type=Path, default=ROOT / "outputs" / "efficiency_models")
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     parser.add_argument("--retrain", action="store_true", help="train the cached models again")
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--qat-steps", type=int, default=40, help="last steps of the training run redone with QAT")
@@ -142,3 +159,56 @@ def encoded_test_split(processor, args: argparse.Namespace, patch_size: int) -> 
     """The encoded test split of the training data (every row but the held-out task's)."""
     _, test_rows = _demo_data(demo_settings(args))
     return encode_rows(processor, test_rows, patch_size, progress=False)
+
+
+@functools.cache
+def head_skipping_data(num_images: int, num_clips: int) -> DemoData:
+    """The demo's data at these sizes (`prepare_demo_data` with the demo's splits and data seed, every validation and
+    test row of the seen question types, the floors of the test split); built once per process."""
+    settings = DemoSettings(num_images=num_images, num_clips=num_clips, eval_per_type=None, baseline=False)
+    return prepare_demo_data(settings, progress=False)
+
+
+def load_head_skipping_model(args: argparse.Namespace, seed: int, variant: str) -> tuple[object, DemoData, dict]:
+    """One of `HEAD_SKIPPING_VARIANTS` at `seed` (`args`: `cache_dir`, `retrain`, `train_steps`, `gate_penalty`,
+    `num_images`, `num_clips`) in eval mode, trained first when the cache lacks it or holds it with other settings;
+    the data (`head_skipping_data`); and the training record.
+
+    Both variants of a seed start from the same initial weights and see the same batches (`set_seed(seed)`, the
+    `Trainer`'s seeds): they differ by the penalty alone.
+    """
+    penalty = {"penalised": args.gate_penalty, "unpenalised": 0.0}[variant]
+    data = head_skipping_data(args.num_images, args.num_clips)
+    settings = DemoSettings(seed=seed)  # the demo's model and instruction recipe
+    directory = args.cache_dir / "head_skipping" / f"seed{seed}" / variant
+    wanted = {
+        "seed": seed,
+        "variant": variant,
+        "gate_penalty": penalty,
+        "train_steps": args.train_steps,
+        "num_images": args.num_images,
+        "num_clips": args.num_clips,
+        "batch_size": settings.batch_size,
+        "learning_rate": settings.learning_rate,
+        "initializer_range": settings.initializer_range,
+    }
+    record_path = directory / "training.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if args.retrain or {key: record.get(key) for key in wanted} != wanted:
+        started = time.perf_counter()
+        set_seed(seed)
+        model, _ = build_demo_model(data.tokenizer, settings)
+        model.config.attention_gate_sparsity_weight = penalty
+        examples = select_stage_examples("instruct", data.rows["train"], data.examples["train"])
+        training = stage_training_arguments(settings, "instruct", directory, args.train_steps)
+        trainer = build_stage_trainer("instruct", model, examples, training)
+        trainer.train()
+        model.save_pretrained(directory)
+        record = {
+            **wanted,
+            "split_sizes": settings.split_sizes,
+            "train_seconds": round(time.perf_counter() - started, 1),
+            "log_history": [entry for entry in trainer.state.log_history if "loss" in entry],
+        }
+        record_path.write_text(json.dumps(record, indent=2))
+    return eval_model(AutoModelForCausalLM.from_pretrained(directory)), data, record

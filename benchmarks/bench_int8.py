@@ -7,8 +7,8 @@ Command (from the repository root):
     .venv/bin/python benchmarks/bench_int8.py --retrain       # train the cached models again
     .venv/bin/python benchmarks/bench_int8.py --compile-int8  # + compiled variants of the hidden-1024 models
 
-The models are the demo model trained with the gate-sparsity penalty and its QAT copy (`_efficiency_models`, shared
-with `bench_head_skipping.py`: the first run of either trains them, 15 minutes on 2 busy CPU cores). QAT
+The models are the demo model trained with the gate-sparsity penalty and its QAT copy (`_efficiency_models`: the
+first run trains them, 15 minutes on 2 busy CPU cores). QAT
 fake-quantizes the linear layers and the routed experts.
 
 - Demo model: fp32 vs INT8 PTQ of the linear layers only (`load_int8_model(..., include_experts=False)`), PTQ with
