@@ -5,8 +5,8 @@ demo's held-out task (`color_by_side`, never trained on before; evaluated on 3-o
 guess scores 0.5).
 
 Command (from the repository root; the default, 7 configurations x 3 learning rates plus 7 replay runs of 300 steps
-each: measured 11.4 minutes on 2 CPU cores with `--base outputs/demo/model`; training the base model itself adds
-about 8):
+each: measured 11.4 minutes on 2 CPU cores with `--base outputs/demo/model`; with a fourth LoRA rate and the base
+model trained first, 32.5 minutes beside other jobs):
 
     .venv/bin/python benchmarks/bench_lora.py
     .venv/bin/python benchmarks/bench_lora.py --base outputs/demo/model     # the model `deepseekv3 demo` saved
