@@ -414,6 +414,7 @@ class Engine:
             "steps": 0,
             "prefill_calls": 0,
             "decode_steps": 0,
+            "decoded_rows": 0,  # rows over all decoding steps: the batch's mean occupancy is this / decode_steps
             "generated_tokens": 0,
             "finished": 0,
             "cancelled": 0,
@@ -1000,6 +1001,7 @@ class Engine:
         """Decodes one token for every row; returns how many rows decoded and the rows that go on."""
         logits = self._batch.decode()
         self.stats["decode_steps"] += 1
+        self.stats["decoded_rows"] += len(self._batch)
         self.stats["peak_cache_positions"] = max(
             self.stats["peak_cache_positions"], len(self._batch) * self._batch.kv_length
         )

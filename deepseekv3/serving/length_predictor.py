@@ -5,6 +5,14 @@ tokens only when told to (`EngineConfig.log_prompt_tokens`), keeps them in memor
 The scheduler uses the prediction to group requests of similar total length and to admit them by predicted memory.
 Untrained, it falls back to each request's `max_new_tokens` (the worst case), which is what the engine assumes
 without a predictor.
+
+A request that reached its `max_new_tokens` was cut off: its length is only known to be at least that (a
+right-censored length, `LengthRecord.is_censored`). `fit` treats such a record as censored by default: its loss is
+zero for any prediction at or above the cap and the L1 distance below it. With one cap for every request, that
+loss is minimised by the smaller of the median length and the cap, where counting the cut-off lengths as exact
+pulls the estimate down to the cap as soon as half the answers are cut off. With caps that differ by request, the
+answers that finished under a low cap still pull the estimate down somewhat (less than counting the caps as exact
+does).
 """
 
 import json
@@ -38,6 +46,12 @@ class LengthRecord:
     generated_length: int
     max_new_tokens: int
     prompt_ids: tuple[int, ...] = ()
+
+    @property
+    def is_censored(self) -> bool:
+        """Whether the request reached its `max_new_tokens`, so its own length is only known to be at least that (one
+        that stopped exactly at the cap is counted too: the log cannot tell the two apart, and "at least" holds)."""
+        return self.generated_length >= self.max_new_tokens
 
 
 @dataclass
@@ -96,15 +110,27 @@ class LengthPredictor(nn.Module):
         return [min(max(value, 1.0), float(limit)) for value, limit in zip(predicted, max_new_tokens)]
 
     def fit(
-        self, records: Sequence[LengthRecord], epochs: int = 30, batch_size: int = 32, lr: float = 1e-2, seed: int = 0
+        self,
+        records: Sequence[LengthRecord],
+        epochs: int = 30,
+        batch_size: int = 32,
+        lr: float = 1e-2,
+        seed: int = 0,
+        censoring: bool = True,
     ) -> list[float]:
-        """Trains on logged requests (L1 loss on `log(1 + length)`); returns the mean loss of each epoch."""
+        """Trains on logged requests (L1 loss on `log(1 + length)`); returns the mean loss of each epoch.
+
+        With `censoring` (the default), a record that reached its `max_new_tokens` (`is_censored`) only says "at
+        least this long": its loss is `max(0, log(1 + length) - predicted)` (see the module docstring). Without it,
+        every logged length counts as exact.
+        """
         if not records:
             raise ValueError("fit needs at least one logged request")
         _check_features(records)
         generator = random.Random(seed)
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         targets = torch.tensor([math.log1p(record.generated_length) for record in records])
+        censored = torch.tensor([censoring and record.is_censored for record in records])
         order = list(range(len(records)))
         history = []
         self.train()
@@ -114,7 +140,8 @@ class LengthPredictor(nn.Module):
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
                 predicted = self([records[index].prompt_ids for index in batch])
-                loss = nn.functional.l1_loss(predicted, targets[batch])
+                shortfall = targets[batch] - predicted
+                loss = torch.where(censored[batch], shortfall.clamp(min=0), shortfall.abs()).mean()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

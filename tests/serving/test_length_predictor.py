@@ -1,8 +1,10 @@
-"""Output-length predictor: falls back to max_new_tokens untrained, learns a length signal from logs, round-trips."""
+"""Output-length predictor: falls back to max_new_tokens untrained, learns a length signal from logs, treats lengths
+cut off at max_new_tokens as censored, round-trips."""
 
 import random
 
 import pytest
+import torch
 
 from deepseekv3.serving import LengthPredictor, LengthPredictorConfig, LengthRecord
 
@@ -59,3 +61,38 @@ def test_bad_inputs_raise():
         predictor.fit([])
     with pytest.raises(ValueError, match=r"\[0, 64\)"):
         predictor([[1, 64]])
+
+
+def capped_logs(count: int, seed: int, cut_off: float) -> list[LengthRecord]:
+    """Hint 12 answers run 19-21 tokens; a `cut_off` share of them are cut off at `max_new_tokens` = 8 (censored)."""
+    rng = random.Random(seed)
+    records = []
+    for record in synthetic_logs(count, seed):
+        if 19 <= record.generated_length <= 21 and rng.random() < cut_off:
+            record = LengthRecord(record.prompt_length, 8, 8, record.prompt_ids)
+        records.append(record)
+    return records
+
+
+def test_a_length_that_reached_max_new_tokens_is_censored():
+    assert LengthRecord(10, 8, 8).is_censored
+    assert not LengthRecord(10, 7, 8).is_censored
+
+
+def test_censored_lengths_count_as_at_least_the_cap():
+    """With three quarters of the 20-token answers cut off at 8 tokens, counting the cut-off lengths as exact predicts
+    far fewer than 20 tokens for them; treating them as censored still predicts their real length for a request
+    allowed 48 tokens."""
+    train = capped_logs(300, seed=0, cut_off=0.75)
+    assert sum(record.is_censored for record in train) > 40
+    held_out = synthetic_logs(80, seed=1)
+    long_prompts = [list(record.prompt_ids) for record in held_out if 19 <= record.generated_length <= 21]
+    predictions = {}
+    for censoring in (True, False):
+        torch.manual_seed(0)
+        predictor = LengthPredictor(LengthPredictorConfig(vocab_size=VOCAB))
+        predictor.fit(train, epochs=12, censoring=censoring)
+        predicted = predictor.predict(long_prompts, [48] * len(long_prompts))
+        predictions[censoring] = sorted(predicted)[len(predicted) // 2]
+    assert 16 < predictions[True] < 25, predictions
+    assert predictions[False] < 14, predictions
