@@ -65,6 +65,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model_dir, input_ids, output = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+torch.set_num_threads(int(sys.argv[4]))  # the parent's: another split of the matmuls rounds differently
 model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
 with torch.no_grad():
     logits = model(input_ids=torch.tensor(input_ids)).logits
@@ -97,7 +98,15 @@ def _load_without_deepseekv3(model_dir: Path, tmp_path: Path) -> tuple[torch.Ten
     """Logits on INPUT_IDS of `AutoModelForCausalLM.from_pretrained(model_dir)` in a process that cannot import us."""
     output = tmp_path / "upstream_logits.safetensors"
     result = subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_DEEPSEEKV3_SCRIPT, str(model_dir), json.dumps(INPUT_IDS.tolist()), output],
+        [
+            sys.executable,
+            "-c",
+            LOAD_WITHOUT_DEEPSEEKV3_SCRIPT,
+            str(model_dir),
+            json.dumps(INPUT_IDS.tolist()),
+            output,
+            str(torch.get_num_threads()),
+        ],
         cwd=tmp_path,
         env=_clean_env(tmp_path, TESTS_DIR),
         capture_output=True,

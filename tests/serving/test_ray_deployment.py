@@ -64,6 +64,10 @@ def ray_url(tmp_path_factory, processor_and_model):
         # a replica busy decoding on a loaded machine may answer the router's queue-length probe late; the router
         # would then pass it over, so the test gives it time
         patch.setenv("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "5")
+        # Serve's controller kills a proxy that is not ready within 5 s (its default) and fails `serve.start`: on a
+        # loaded 2-core machine the proxy's start took longer (ActorDiedError, killed by ray.kill)
+        patch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120")
+        patch.setenv("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "120")
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
