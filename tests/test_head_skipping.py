@@ -114,7 +114,8 @@ def test_a_head_open_in_any_row_is_computed_for_the_whole_batch():
     torch.testing.assert_close(alone.logits[0], reference.logits[0], atol=1e-4, rtol=1e-4)
 
 
-def test_padding_positions_never_keep_a_head_open():
+def model_with_head_closed_for_its_tokens_and_open_at_padding():
+    """Head 1 of layer 0 closed for token 7 and open at a left pad; every other head open."""
     model = gated_model()
     set_gate_biases(model, {0: [OPEN] * NUM_HEADS, 1: [OPEN] * NUM_HEADS})
     # a row of one repeated token gives layer 0 the same latent, so the same gates, at every real position; a pad
@@ -130,6 +131,11 @@ def test_padding_positions_never_keep_a_head_open():
         weight = (OPEN - CLOSED) * difference / difference.dot(difference)
         gate.up_proj.weight[1] = weight
         gate.up_proj.bias[1] = CLOSED - weight.dot(hidden[0])
+    return model
+
+
+def test_padding_positions_never_keep_a_head_open():
+    model = model_with_head_closed_for_its_tokens_and_open_at_padding()
     model.set_head_skip_threshold(0.01)
     long_row, short_row = torch.full((1, 12), 7), torch.full((1, 8), 7)
     input_ids = torch.cat([long_row, torch.cat([torch.zeros(1, 4, dtype=torch.long), short_row], dim=1)])

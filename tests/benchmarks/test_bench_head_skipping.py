@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_head_skipping import CLOSED, NUM_HEADS, OPEN, gated_model, set_gate_biases
+from test_head_skipping import NUM_HEADS, model_with_head_closed_for_its_tokens_and_open_at_padding
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_head_skipping  # noqa: E402
@@ -45,24 +45,6 @@ def test_candidate_thresholds_skip_one_more_head_each_and_add_the_grid():
     every = bench_head_skipping.candidate_thresholds(maxima, grid=100)
     assert every == pytest.approx([0.0, 0.0015, 0.0025, 0.2515, 0.3015, 0.55, 0.7, 0.75, 0.85], abs=1e-6)
     assert every == sorted(every) and len(set(every)) == len(every)
-
-
-def model_with_head_closed_for_its_tokens_and_open_at_padding():
-    """Head 1 of layer 0 closed for token 7 and open at a left pad (whose running mean is over nothing), as
-    `tests/test_head_skipping.py` builds it; every other head open."""
-    model = gated_model()
-    set_gate_biases(model, {0: [OPEN] * NUM_HEADS, 1: [OPEN] * NUM_HEADS})
-    attention = model.model.layers[0].self_attn
-    with torch.no_grad():
-        embeddings = model.model.layers[0].input_layernorm(model.model.embed_tokens(torch.tensor([7])))
-        latent = attention.kv_a_layernorm(attention.kv_a_proj_with_mqa(embeddings)[:, : model.config.kv_lora_rank])
-        gate = attention.head_gate
-        hidden = gate.act_fn(gate.down_proj(torch.cat([latent, torch.zeros_like(latent)])))  # token, padding
-        difference = hidden[1] - hidden[0]
-        weight = (OPEN - CLOSED) * difference / difference.dot(difference)
-        gate.up_proj.weight[1] = weight
-        gate.up_proj.bias[1] = CLOSED - weight.dot(hidden[0])
-    return model
 
 
 def test_padded_batches_are_measured_on_their_real_tokens():
