@@ -127,7 +127,6 @@ def failing_forward(model, is_target):
 def inject_fault(stage: str, engine, patch) -> None:
     """Makes every step of `engine` fail at `stage` (one of `FAULT_STAGES`) until `patch` (a pytest monkeypatch) is
     undone."""
-    model = engine.model
     if stage == "length prediction":  # a real fault: engine state saved from a model with another vocabulary
         predictor = LengthPredictor(LengthPredictorConfig(vocab_size=8))
         predictor.fit([LengthRecord(2, 3, 8, (1, 5))], epochs=1)
@@ -135,9 +134,11 @@ def inject_fault(stage: str, engine, patch) -> None:
     elif stage == "admission":
         patch.setattr(engine, "_choose_admissions", raise_injected_fault)
     elif stage == "prefill":
-        patch.setattr(model, "forward", failing_forward(model, lambda ids: ids.shape[1] > 1))
+        # at the engine's prefill forward, not "every forward of more than one token": a prompt found in the prefix
+        # cache but for its last token is prefilled in a one-token forward
+        patch.setattr(engine, "_prefill_forward", raise_injected_fault)
     elif stage == "decode":
-        patch.setattr(model, "forward", failing_forward(model, lambda ids: ids.shape[1] == 1))
+        patch.setattr(LatentBatch, "decode", raise_injected_fault)
     else:
         patch.setattr(LatentBatch, "keep", raise_injected_fault)
 

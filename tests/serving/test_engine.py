@@ -268,6 +268,24 @@ def test_poisoned_request_fails_alone_and_decoding_rows_go_on(model, monkeypatch
 
 
 @pytest.mark.parametrize("stage", FAULT_STAGES)
+def test_a_fault_is_reported_at_its_stage_for_a_prompt_already_in_the_prefix_cache(model, monkeypatch, stage):
+    """A prompt found in the prefix cache but for its last token is prefilled in a one-token forward: the injected
+    decode fault must not take it for a decoding step (test_server's concurrent fault test met this as a flake)."""
+    prompt = text_ids(torch.Generator().manual_seed(3), 6)
+    engine = Engine(model, EngineConfig(max_consecutive_faults=1))
+    engine.start()
+    try:
+        engine.submit(prompt, max_new_tokens=3).result(timeout=60)  # the prompt is now cached
+        with monkeypatch.context() as patch:
+            inject_fault(stage, engine, patch)
+            with pytest.raises(EngineFaultError) as caught:
+                engine.submit(prompt, max_new_tokens=3).result(timeout=60)
+    finally:
+        engine.stop()
+    assert caught.value.stage == stage
+
+
+@pytest.mark.parametrize("stage", FAULT_STAGES)
 def test_a_fault_fails_every_queued_and_decoding_request_then_the_engine_recovers(model, monkeypatch, stage):
     generator = torch.Generator().manual_seed(7)
     prompts = [text_ids(generator, 4 + index) for index in range(5)]
