@@ -66,9 +66,8 @@ decoding step within 5 % (coefficient of variation).
 Threads: one torch thread (at hidden 96 intra-op parallelism does not pay, and on a shared machine two OpenMP threads
 stall at every barrier when another process holds a core).
 
-    .venv/bin/python benchmarks/bench_serving.py           # not yet run: estimated 6-8 minutes on 2 CPU cores with
-                                                          # the model cached (about 12 when contended rounds are
-                                                          # rerun), 4-7 more to train it the first time
+    .venv/bin/python benchmarks/bench_serving.py           # 601 s on 2 CPU cores (every round clean), training
+                                                          # the model first included (177 s of it)
     .venv/bin/python benchmarks/bench_serving.py --quick   # smoke run: 65 s on 2 busy CPU cores, no result (a
                                                           # 250-step model on 1,000 images, 24 requests, one round)
 
