@@ -24,7 +24,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check --fix deepseekv3 tests benchmarks examples
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/manifest.py --rerun
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,8 +11,10 @@ over 64 KiB is its own mmap, returned to the OS when freed) and read the kernel'
 it (`/proc/self/clear_refs` = 5). On CUDA: `torch.cuda.max_memory_allocated`.
 """
 
+import functools
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -26,6 +28,8 @@ import torch
 import transformers
 
 MIN_CPU_UTILIZATION = 0.8
+# two-sided 95% quantiles of Student's t by degrees of freedom (paired differences over seeds)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 MAX_ROUNDS_FACTOR = 3
 # environment of a memory worker process (see the module docstring)
 MEMORY_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -188,25 +192,47 @@ def machine_info(device: str) -> dict:
     return info
 
 
+@functools.cache
 def source_info() -> dict:
-    """The commit measured, and whether the package had uncommitted changes (read-only git queries)."""
+    """The commit measured, and whether the tree had uncommitted changes (tracked or untracked, anywhere but
+    `benchmarks/results/`), read once, when this module is first imported: at the start of the run, so a commit made
+    while a benchmark runs is not taken for the code it measured. `benchmarks/manifest.py` checks both."""
     root = Path(__file__).resolve().parent.parent
 
     def git(*command: str) -> str | None:
         done = subprocess.run(["git", *command], cwd=root, capture_output=True, text=True, check=False)
         return done.stdout.strip() if done.returncode == 0 else None
 
-    status = git("status", "--porcelain", "--", "deepseekv3")
-    return {"git_commit": git("rev-parse", "HEAD"), "package_modified": None if status is None else bool(status)}
+    status = git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
+    return {"git_commit": git("rev-parse", "HEAD"), "tree_modified": None if status is None else bool(status)}
+
+
+source_info()
+
+
+def mean_sd(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def paired_interval(differences: list[float]) -> dict[str, float]:
+    """Mean paired difference with its 95% t-interval (half-width 0 with one seed: no interval)."""
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan}
+    half = _T95.get(len(differences) - 1, 1.96) * statistics.stdev(differences) / math.sqrt(len(differences))
+    return {"mean": mean, "low": mean - half, "high": mean + half}
 
 
 def benchmark_record(script: str, device: str) -> dict:
-    """The head of a results JSON: the benchmark's name, the command that ran it and the machine."""
+    """The head of a results JSON: the benchmark's name, the command that ran it, the machine and the source (the
+    commit, as the run started)."""
     name = Path(script).stem
     return {
         "benchmark": name,
         "command": " ".join([Path(sys.executable).name, f"benchmarks/{name}.py", *sys.argv[1:]]),
         "machine": machine_info(device),
+        "source": source_info(),
     }
 
 
@@ -304,11 +330,8 @@ def report_step_benchmark(
     )
     if not all(r["clean"] for r in kept):
         print(f"WARNING: fewer than 5 of {len(rounds)} rounds ran uncontended; the figures include contended rounds")
-    name = Path(script).stem
     result = {
-        "benchmark": name,
-        "command": " ".join([Path(sys.executable).name, f"benchmarks/{name}.py", *sys.argv[1:]]),
-        "machine": machine_info(args.device),
+        **benchmark_record(script, args.device),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -35,7 +35,6 @@ part's command, seconds and source.
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from _harness import machine_info, source_info
+from _harness import machine_info, mean_sd, paired_interval, source_info
 from tqdm.auto import tqdm
 
 from deepseekv3.training.ablations import VARIANTS
@@ -54,10 +53,9 @@ from deepseekv3.training.demo import QUESTION_TYPES, DemoSettings, evaluate_spli
 from deepseekv3.training.pipeline import _split_steps
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_alignment.json"
+
+
 # two-sided 95% quantiles of Student's t by degrees of freedom
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
 def run_one(variant: str, seed: int, settings: dict, threads: int) -> dict:
     """Train and evaluate one variant at one seed (in a worker process)."""
     torch.set_num_threads(threads)
@@ -74,19 +72,6 @@ def run_one(variant: str, seed: int, settings: dict, threads: int) -> dict:
     result["floors"] = data.floors
     result["seconds"] = {"train": round(trained - started, 1), "total": round(time.perf_counter() - started, 1)}
     return {"variant": variant, "seed": seed, **result}
-
-
-def mean_sd(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
-def paired_interval(differences: list[float]) -> dict[str, float]:
-    """Mean paired difference with its 95% t-interval (half-width 0 with one seed: no interval)."""
-    mean = statistics.fmean(differences)
-    if len(differences) < 2:
-        return {"mean": mean, "low": math.nan, "high": math.nan}
-    half = _T95.get(len(differences) - 1, 1.96) * statistics.stdev(differences) / math.sqrt(len(differences))
-    return {"mean": mean, "low": mean - half, "high": mean + half}
 
 
 def run_metrics(run: dict, measure: str) -> dict[str, float]:

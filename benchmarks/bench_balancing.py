@@ -64,7 +64,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from _harness import MIN_CPU_UTILIZATION, machine_info, synchronize
+from _harness import MIN_CPU_UTILIZATION, machine_info, source_info, synchronize
 from transformers import TrainerCallback, set_seed
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 from transformers.trainer_callback import PrinterCallback
@@ -526,6 +526,7 @@ def main() -> None:
         "benchmark": "bench_balancing",
         "command": " ".join(["python", "benchmarks/bench_balancing.py", *sys.argv[1:]]),
         "machine": machine_info(args.device),
+        "source": source_info(),
         "settings": {
             "steps": args.steps,
             "seeds": seeds,

@@ -83,7 +83,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _harness import benchmark_record, headline_entries, source_info, write_results
+from _harness import benchmark_record, headline_entries, write_results
 from _netns import RATE_BITS_PER_S, TBF_SETTINGS, shaped_loopback
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
@@ -561,7 +561,6 @@ def main() -> None:
     print_tables(links, toy, projected)
     result = {
         **benchmark_record(__file__, "cpu"),
-        "source": source_info(),
         "load_average": {"start": load_at_start, "end": os.getloadavg()},
         "setup": {
             "processes": WORLD_SIZE,

@@ -38,7 +38,6 @@ from _harness import (
     benchmark_record,
     headline_entries,
     kept_rounds,
-    source_info,
     synchronize,
     time_variants,
     write_results,
@@ -169,7 +168,6 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    source = source_info()  # the commit the imported package came from
     contexts = [int(length) for length in args.contexts.split(",")]
     max_steps = 3 * args.repeats + 2  # the warm-up and every round `time_variants` may run
     models = build_models(max(contexts) + max_steps + 8, args.device)
@@ -207,7 +205,6 @@ def main() -> None:
     result = benchmark_record(__file__, args.device)
     result.update(
         {
-            "source": source,
             "note": (
                 "CPU shared with other jobs (2 cores): contended rounds (CPU utilisation < 80%) are rerun; absolute "
                 "times are noisy, compare variants within a context. The cache is filled with random latents."

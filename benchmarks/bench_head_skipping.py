@@ -56,8 +56,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _efficiency_models import CACHE_DIR, HEAD_SKIPPING_VARIANTS, load_head_skipping_model
-from _harness import benchmark_record, headline_entries, source_info, write_results
-from bench_alignment import mean_sd, paired_interval
+from _harness import benchmark_record, headline_entries, mean_sd, paired_interval, write_results
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop
 from tqdm.auto import tqdm
 
@@ -456,7 +455,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     result = benchmark_record(__file__, "cpu")
-    result["source"] = source_info()
     result["settings"] = {
         **{key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "threads_per_worker": 1,

@@ -76,6 +76,7 @@ from typing import Any
 import peft
 import torch
 import transformers
+from _harness import source_info
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
@@ -564,6 +565,7 @@ def main(argv=None) -> dict:
         "benchmark": "bench_lora",
         "command": "python benchmarks/bench_lora.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "quick": args.quick,
+        "source": source_info(),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),

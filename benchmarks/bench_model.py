@@ -63,10 +63,9 @@ import torch
 from _harness import (
     MEMORY_WORKER_ENV,
     MIN_CPU_UTILIZATION,
+    benchmark_record,
     kept_rounds,
-    machine_info,
     memory_baseline,
-    source_info,
     synchronize,
     time_variants,
     two_step_memory,
@@ -383,7 +382,6 @@ def main() -> None:
         memory_worker(args)
         return
     started = time.perf_counter()
-    source = source_info()  # the commit the imported package came from (the lead may commit during a run)
     print(f"Building the four variants (batch {args.batch_size} x {args.seq_len}, {args.device}, {args.attn})")
     steps, info = build_all(args)
     rounds, first_losses = time_variants(steps, VARIANTS, args.repeats, args.budget_s, args.device, started)
@@ -402,10 +400,7 @@ def main() -> None:
         clean = sum(r["clean"] for r in rounds)
         print(f"WARNING: {clean} of {len(rounds)} rounds ran uncontended (5 needed); the figures use every round")
     result = {
-        "benchmark": "bench_model",
-        "command": " ".join([Path(sys.executable).name, "benchmarks/bench_model.py", *sys.argv[1:]]),
-        "machine": machine_info(args.device),
-        "source": source,
+        **benchmark_record(__file__, args.device),
         "size": {
             "batch_size": args.batch_size,
             "seq_len": args.seq_len,

@@ -60,7 +60,7 @@ import datasets
 import numpy as np
 import torch
 import transformers
-from _harness import machine_info
+from _harness import machine_info, source_info
 from transformers import AutoProcessor, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging
@@ -402,6 +402,7 @@ def main(argv=None) -> dict[str, Any]:
         "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
         "quick": args.quick,
         "machine": machine_info("cuda" if torch.cuda.is_available() else "cpu"),
+        "source": source_info(),
         "seconds": round(time.perf_counter() - started, 1),
         "settings": {
             "base": args.base,

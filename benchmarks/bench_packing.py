@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from _harness import source_info
 
 from deepseekv3 import DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration
 from deepseekv3.training.packing import MultimodalPackingCollator, MultimodalPaddingCollator, length_grouped_sampler
@@ -198,6 +199,7 @@ def main() -> None:
             {
                 "script": "benchmarks/bench_packing.py",
                 "command": command + (" --full" if args.full else ""),
+                "source": source_info(),
                 "machine": {
                     "platform": platform.platform(),
                     "processor": platform.processor(),

@@ -1,10 +1,9 @@
 """Time to first token with and without a warm 512-token prefix (a long system prompt) in the engine's prefix cache.
 
-One model (the `bench_serving.py` architecture widened to hidden 1024: 4 layers, 16 heads, MLA ranks 384/256, 8
-routed experts of 512, attention gate, random weights, 1024 positions, 56M parameters), one 512-token prefix, and
-requests made of that prefix plus 16 new tokens (a different suffix each round). At hidden 128 (the serving
-benchmark's width) a 16-token forward is mostly per-operator overhead and the reduction measured ~65 %; a wider model
-is closer to what a prefix cache is for. Variants, interleaved by the harness:
+One model (hidden 1024: 4 layers, 16 heads, MLA ranks 384/256, 8 routed experts of 512, attention gate, random
+weights, 1024 positions, 56M parameters), one 512-token prefix, and requests made of that prefix plus 16 new tokens
+(a different suffix each round). At hidden 128 a 16-token forward is mostly per-operator overhead and the reduction
+measured ~65 %; a wider model is closer to what a prefix cache is for. Variants, interleaved by the harness:
 
 - cold: an engine whose prefix cache holds nothing (a 1-byte budget) prefills all 528 tokens;
 - warm: an engine whose `warm_up([prefix])` ran once before the rounds prefills only the 16 new tokens on top of the
@@ -27,8 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from _harness import MIN_CPU_UTILIZATION, kept_rounds, machine_info, time_variants
-from bench_serving import MODEL_KWARGS as SERVING_MODEL_KWARGS
+from _harness import MIN_CPU_UTILIZATION, kept_rounds, machine_info, source_info, time_variants
 
 from deepseekv3 import DeepseekV3MultimodalConfig, DeepseekV3MultimodalForConditionalGeneration
 from deepseekv3.serving import Engine, EngineConfig
@@ -37,17 +35,29 @@ VARIANTS = ("cold", "warm")
 PREFIX_TOKENS, SUFFIX_TOKENS, CHECKED_TOKENS = 512, 16, 8
 TARGET_REDUCTION = 0.80
 MODEL_KWARGS = {
-    **SERVING_MODEL_KWARGS,
+    "vocab_size": 512,
     "hidden_size": 1024,
     "intermediate_size": 2048,
     "moe_intermediate_size": 512,
+    "num_hidden_layers": 4,
     "num_attention_heads": 16,
     "num_key_value_heads": 16,
+    "n_shared_experts": 1,
+    "n_routed_experts": 8,
+    "n_group": 4,
+    "topk_group": 2,
+    "num_experts_per_tok": 2,
+    "first_k_dense_replace": 1,
     "kv_lora_rank": 256,
     "q_lora_rank": 384,
+    "qk_rope_head_dim": 16,
     "qk_nope_head_dim": 32,
     "v_head_dim": 32,
     "max_position_embeddings": 1024,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "use_attention_gate": True,
 }
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_prefix_cache.json"
 
@@ -117,6 +127,7 @@ def main() -> None:
         "benchmark": "bench_prefix_cache",
         "command": " ".join([Path(sys.executable).name, "benchmarks/bench_prefix_cache.py", *sys.argv[1:]]),
         "machine": machine_info(args.device),
+        "source": source_info(),
         "model": MODEL_KWARGS,
         "prefix_tokens": PREFIX_TOKENS,
         "suffix_tokens": SUFFIX_TOKENS,

@@ -41,6 +41,7 @@ import PIL
 import tokenizers
 import torch
 import transformers
+from _harness import source_info
 from PIL import Image
 
 from deepseekv3.configuration_deepseekv3 import DeepseekV3MultimodalConfig
@@ -208,6 +209,7 @@ def main() -> None:
             {
                 "script": "benchmarks/bench_processor.py",
                 "command": "python benchmarks/bench_processor.py" + (" --full" if args.full else ""),
+                "source": source_info(),
                 "machine": {
                     "platform": platform.platform(),
                     "processor": platform.processor(),

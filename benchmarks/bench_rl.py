@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _harness import machine_info
+from _harness import machine_info, source_info
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging
@@ -383,6 +383,7 @@ def main(argv=None) -> dict:
     result = {
         "command": "python benchmarks/bench_rl.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine_info("cuda" if torch.cuda.is_available() else "cpu"),
+        "source": source_info(),
         "seconds": round(time.perf_counter() - started, 1),
         "settings": {
             **settings,

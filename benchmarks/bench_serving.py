@@ -92,7 +92,6 @@ from _harness import (
     benchmark_record,
     headline_entries,
     kept_rounds,
-    source_info,
     time_variants,
     write_results,
 )
@@ -738,7 +737,6 @@ def main() -> None:
     plot(poisson, plot_path)
     result = {
         **benchmark_record(__file__, args.device),
-        "source": source_info(),
         "quick": args.quick,
         "planted": "nothing: a trained model; answer lengths are its own greedy outputs",
         "model": {**model_info, "config": model.config.to_diff_dict()},

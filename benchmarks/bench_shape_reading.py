@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import source_info
 from torch import nn
 
 from deepseekv3.data import build_shapes_dataset
@@ -198,6 +199,7 @@ def main() -> None:
         "benchmark": "bench_shape_reading",
         "command": f"benchmarks/bench_shape_reading.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}",
         "machine": {"workers": args.workers, "threads_per_worker": 1, "torch": torch.__version__},
+        "source": source_info(),
         "steps": args.steps,
         "batch_size": settings.batch_size,
         "learning_rate": settings.learning_rate,
