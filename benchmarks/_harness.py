@@ -192,18 +192,23 @@ def machine_info(device: str) -> dict:
     return info
 
 
+# what `source_info` checks for uncommitted changes: the whole tree but the benchmarks' outputs
+TREE_PATHSPEC = (".", ":(exclude)benchmarks/results", ":(exclude)docs/*.png")
+
+
 @functools.cache
 def source_info() -> dict:
-    """The commit measured, and whether the tree had uncommitted changes (tracked or untracked, anywhere but
-    `benchmarks/results/`), read once, when this module is first imported: at the start of the run, so a commit made
-    while a benchmark runs is not taken for the code it measured. `benchmarks/manifest.py` checks both."""
+    """The commit measured, and whether the tree had uncommitted changes (tracked or untracked, anywhere but the
+    benchmarks' outputs: `benchmarks/results/` and the plots in `docs/`), read once, when this module is first
+    imported: at the start of the run, so a commit made while a benchmark runs is not taken for the code it measured.
+    `benchmarks/manifest.py` checks both."""
     root = Path(__file__).resolve().parent.parent
 
     def git(*command: str) -> str | None:
         done = subprocess.run(["git", *command], cwd=root, capture_output=True, text=True, check=False)
         return done.stdout.strip() if done.returncode == 0 else None
 
-    status = git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
+    status = git("status", "--porcelain", "--", *TREE_PATHSPEC)
     return {"git_commit": git("rev-parse", "HEAD"), "tree_modified": None if status is None else bool(status)}
 
 

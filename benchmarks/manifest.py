@@ -4,7 +4,7 @@ Every results JSON in `benchmarks/results/` belongs to one entry of `BENCHMARKS`
 code the figures depend on: the benchmark script, the helpers it imports, and the package modules it exercises
 (directories count as every file under them). A result is fresh when its JSON records the commit it was measured at
 (`source.git_commit`, and for a combined result each part's), the tree was unmodified then (`source.tree_modified`
-false: no uncommitted change outside `benchmarks/results/`), that commit is in the history of `HEAD`, and no commit
+false: no uncommitted change but to the benchmarks' outputs), that commit is in the history of `HEAD`, and no commit
 after it changed a measured file. `tests/benchmarks/test_results_fresh.py` fails on any other result, unless the
 entry says why it is `stale` (a run too long for `make bench`, waiting to be rerun; the README lists each such
 result): then the test fails once the mark is no longer true, so it cannot outlive the rerun.
@@ -24,6 +24,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from _harness import TREE_PATHSPEC
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -216,7 +218,7 @@ def report() -> list[tuple[str, str, list[str]]]:
 
 def rerun(names: list[str], stale_only: bool) -> None:
     """Runs each benchmark of `names` (from the repository root, with its manifest arguments), one at a time."""
-    if _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results").stdout.strip():
+    if _git("status", "--porcelain", "--", *TREE_PATHSPEC).stdout.strip():
         print("warning: the tree has uncommitted changes; the results will record `tree_modified` and stay stale")
     todo = [n for n in names if not stale_only or any(staleness(n, f) for f in BENCHMARKS[n].results)]
     print(f"{len(todo)} benchmark(s), about {sum(BENCHMARKS[n].minutes for n in todo):.0f} min: {', '.join(todo)}")
