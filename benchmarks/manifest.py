@@ -73,31 +73,33 @@ class Benchmark:
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "bench_model": Benchmark(("bench_model.json",), MODEL + HARNESS, minutes=6),
+    "bench_model": Benchmark(("bench_model.json",), MODEL + HARNESS, minutes=2),
     "bench_precision": Benchmark(
-        ("bench_precision.json",), MODEL + ("deepseekv3/training/precision.py",) + HARNESS, minutes=5
+        ("bench_precision.json",), MODEL + ("deepseekv3/training/precision.py",) + HARNESS, minutes=1.5
     ),
     "bench_checkpointing": Benchmark(
-        ("bench_checkpointing.json",), MODEL + HARNESS, args=("--repeats", "8", "--budget-s", "240"), minutes=4
+        ("bench_checkpointing.json",), MODEL + HARNESS, args=("--repeats", "8", "--budget-s", "240"), minutes=1.5
     ),
     "bench_packing": Benchmark(
         ("bench_packing.json",),
         MODEL + ("deepseekv3/training/packing.py", "deepseekv3/training/collators.py") + HARNESS,
-        minutes=3,
+        minutes=1,
     ),
-    "bench_processor": Benchmark(("bench_processor.json",), PROCESSOR + HARNESS, minutes=1),
+    "bench_processor": Benchmark(("bench_processor.json",), PROCESSOR + HARNESS, minutes=0.5),
     "bench_gate_state": Benchmark(("bench_gate_state.json",), MODEL + HARNESS, args=("--threads", "1"), minutes=2),
     "bench_long_context": Benchmark(
-        ("bench_long_context.json",), MODEL + ("deepseekv3/tokenization.py", "deepseekv3/training/demo.py") + HARNESS
+        ("bench_long_context.json",),
+        MODEL + ("deepseekv3/tokenization.py", "deepseekv3/training/demo.py") + HARNESS,
+        minutes=1.5,
     ),
-    "bench_prefix_cache": Benchmark(("bench_prefix_cache.json",), MODEL + SERVING + HARNESS, minutes=1),
+    "bench_prefix_cache": Benchmark(("bench_prefix_cache.json",), MODEL + SERVING + HARNESS, minutes=5),
     "bench_http": Benchmark(("bench_http.json",), MODEL + PROCESSOR + SERVING + HARNESS, minutes=3),
-    "bench_balancing": Benchmark(("bench_balancing.json",), TRAINED, minutes=5),
+    "bench_balancing": Benchmark(("bench_balancing.json",), TRAINED, minutes=4),
     "bench_comm": Benchmark(
         ("bench_comm.json",),
         ("deepseekv3/distributed/", "benchmarks/_netns.py") + HARNESS,
         args=("--rounds", "7"),
-        minutes=8,
+        minutes=4,
     ),
     "bench_int8": Benchmark(
         ("bench_int8_experts.json",),
@@ -115,7 +117,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "--output",
             "benchmarks/results/bench_int8_experts.json",
         ),  # fmt: skip
-        minutes=12,
+        minutes=8,
     ),
     "bench_serving": Benchmark(("bench_serving.json",), TRAINED + SERVING, minutes=12),
     "bench_head_skipping": Benchmark(
