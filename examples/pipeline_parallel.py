@@ -17,6 +17,7 @@ experts. The first rank of the last stage writes `metrics.json` (the loss of eve
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -135,3 +136,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Exit without finalizing the interpreter: DTensor's caches keep the device mesh's gloo groups alive past
+    # destroy_process_group, and a gloo thread that releases a finished collective's tensors while the interpreter
+    # finalizes aborts the process ("terminate called without an active exception"; tests/distributed/teardown.py).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from teardown import exit_process
 
 torch.set_num_threads(1)
 
@@ -139,3 +140,4 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_process(0)  # see teardown.py: gloo threads outlive destroy_process_group

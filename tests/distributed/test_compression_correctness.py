@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from distributed_helpers import _env, _run, free_port, read_json, read_weights
 from safetensors.torch import save_file
+from teardown import exit_process
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -359,3 +360,4 @@ if __name__ == "__main__":
         workers[sys.argv[1]](*sys.argv[2:])
     finally:
         dist.destroy_process_group()
+    exit_process(0)  # see teardown.py: the hook's groups and their gloo threads live until the process exits

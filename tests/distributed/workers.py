@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from teardown import exit_process
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -291,3 +292,4 @@ if __name__ == "__main__":
         WORKERS[sys.argv[1]](*sys.argv[2:])
     finally:
         dist.destroy_process_group()
+    exit_process(0)  # see teardown.py: gloo threads outlive destroy_process_group
