@@ -28,7 +28,6 @@ from pathlib import Path
 from _harness import TREE_PATHSPEC
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 # the model itself: config, decoder, attention and gate, media embeddings, losses
 MODEL = (
