@@ -12,7 +12,13 @@ from test_head_skipping import NUM_HEADS, model_with_head_closed_for_its_tokens_
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_head_skipping  # noqa: E402
 
-from deepseekv3.training.demo import QUESTION_TYPES  # noqa: E402
+from deepseekv3.training.demo import (  # noqa: E402
+    QUESTION_TYPES,
+    DemoSettings,
+    build_demo_model,
+    prepare_demo_data,
+)
+from deepseekv3.training.evaluation import generate_answers, reply_accuracy  # noqa: E402
 
 
 def test_choose_threshold_takes_the_largest_candidate_that_keeps_the_cosine():
@@ -28,6 +34,20 @@ def test_choose_threshold_takes_the_largest_candidate_that_keeps_the_cosine():
     assert bench_head_skipping.choose_threshold(candidates, 0.99) == 0.01
     failing = [c for c in candidates if c["threshold"] > 0]
     assert bench_head_skipping.choose_threshold(failing, 0.999) == 0.0  # none keeps it: every head computed
+
+
+def test_choose_threshold_also_keeps_the_accuracy_through_generate_when_given():
+    candidates = [
+        {"threshold": 0.0, "cosine_mean": 1.0, "generated_accuracy": 0.60},
+        {"threshold": 0.1, "cosine_mean": 0.999, "generated_accuracy": 0.61},
+        {"threshold": 0.2, "cosine_mean": 0.995, "generated_accuracy": 0.588},  # exactly 98% of 0.60: kept
+        {"threshold": 0.5, "cosine_mean": 0.99, "generated_accuracy": 0.30},  # the cosine keeps it, `generate` not
+        {"threshold": 0.8, "cosine_mean": 0.97, "generated_accuracy": 0.60},  # `generate` keeps it, the cosine not
+    ]
+    assert bench_head_skipping.choose_threshold(candidates, 0.98) == 0.5
+    assert bench_head_skipping.choose_threshold(candidates, 0.98, min_accuracy=0.98 * 0.60) == 0.2
+    assert bench_head_skipping.choose_threshold(candidates, 0.98, min_accuracy=0.605) == 0.1
+    assert bench_head_skipping.choose_threshold(candidates, 0.98, min_accuracy=0.7) == 0.0
 
 
 def test_candidate_thresholds_skip_one_more_head_each_and_add_the_grid():
@@ -78,18 +98,61 @@ def test_padded_batches_are_measured_on_their_real_tokens():
     assert all(c["cosine_mean"] < 0.98 for c in calibration["candidates"] if c["threshold"] > chosen)
     assert bench_head_skipping.chosen_candidate({"validation": calibration})["cosine_mean"] >= 0.98
 
+    # what users get decides too: an accuracy through `generate` that holds only below the closed head's maximum
+    closed = float(reference["maxima"][0, 1])
+    asked = []
+
+    def ask(threshold):
+        asked.append(threshold)
+        return {"mean": 0.5 if threshold > closed else 0.8, "attention_flops": 100 - 10 * (threshold > closed)}
+
+    strict = bench_head_skipping.calibrate(model, [batch], grid=8, min_cosine=0.98, ask=ask, min_accuracy_ratio=0.9)
+    assert sorted(asked) == [c["threshold"] for c in strict["candidates"]]  # every candidate asked once
+    assert strict["generated_accuracy_all_heads"] == 0.8 and strict["min_generated_accuracy"] == pytest.approx(0.72)
+    assert strict["threshold"] < closed and strict["threshold"] == max(
+        c["threshold"] for c in strict["candidates"] if c["threshold"] < closed
+    )
+    assert [c["generated_attention_compute_saved"] for c in strict["candidates"]] == [
+        pytest.approx(0.1 if c["threshold"] > closed else 0.0) for c in strict["candidates"]
+    ]
+    assert model.config.attention_gate_skip_threshold == 0.0
+
+
+def test_generated_figures_ask_through_generate_and_count_its_attention(tmp_path):
+    settings = DemoSettings.quick(output_dir=str(tmp_path), baseline=False)
+    data = prepare_demo_data(settings, progress=False)
+    model, _ = build_demo_model(data.tokenizer, settings)
+    model.eval()
+    rows = data.rows["validation"].select(range(6))
+    data.rows["validation"] = rows
+
+    every_head = bench_head_skipping.generated_figures(model, data, "validation", 0.0)
+    replies = generate_answers(model, data.processor, rows, progress=False)
+    assert every_head["accuracy"] == reply_accuracy(rows, replies)
+    assert every_head["mean"] == pytest.approx(sum(every_head["accuracy"].values()) / len(every_head["accuracy"]))
+
+    # above every gate of the untrained model: every head skipped in every forward, only the latent and gates computed
+    none = bench_head_skipping.generated_figures(model, data, "validation", 0.999)
+    assert 0 < none["attention_flops"] < every_head["attention_flops"] / 2
+    assert model.config.attention_gate_skip_threshold == 0.0  # left with every head on
+
 
 def run(variant: str, seed: int, accuracy: float, saved: float) -> dict:
     per_type = {q: accuracy for q in QUESTION_TYPES}
     figures = {"attention_compute_saved": saved, "cosine_mean": 0.99, "cosine_min": 0.9}
+    generated = {"generated_attention_compute_saved": saved / 2}
     return {
         "variant": variant,
         "seed": seed,
-        "validation": {"threshold": 0.01, "candidates": [{"threshold": 0.01, **figures}]},
+        "validation": {
+            "threshold": 0.01,
+            "candidates": [{"threshold": 0.01, **figures, **generated, "generated_accuracy": accuracy}],
+        },
         "test": {
             "threshold": 0.01,
             "heads_skipped_fraction": saved,
             **figures,
+            **generated,
             "accuracy": {
                 "all_heads": {"scored": per_type, "generated": per_type},
                 "skipping": {"scored": per_type, "generated": {**per_type, "audio": accuracy - 0.1}},
@@ -117,5 +180,7 @@ def test_summary_pairs_the_models_of_each_seed():
     assert summary["accuracy"]["unpenalised"]["scored"]["color"] == pytest.approx({"mean": 0.75, "sd": 0.05})
     compute = summary["compute"]["penalised"]
     assert compute["test_attention_compute_saved"] == pytest.approx({"mean": 0.4, "sd": 0.0})
+    assert compute["test_generated_attention_compute_saved"] == pytest.approx({"mean": 0.2, "sd": 0.0})
+    assert compute["validation_generated_accuracy"] == pytest.approx({"mean": 0.9, "sd": 0.1})
     assert compute["long_rows_out_of_training_range"]["4096"]["tokens"]["mean"] == 4090
     assert summary["compute"]["unpenalised"]["validation_attention_compute_saved"]["mean"] == pytest.approx(0.1)
