@@ -120,7 +120,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     ),
     "bench_serving": Benchmark(("bench_serving.json",), TRAINED + SERVING, minutes=12),
     "bench_head_skipping": Benchmark(
-        ("bench_head_skipping.json",), TRAINED + ("benchmarks/_efficiency_models.py",), minutes=25, make_bench=False
+        ("bench_head_skipping.json",), TRAINED + ("benchmarks/_efficiency_models.py",), minutes=24, make_bench=False
     ),
     "bench_rl": Benchmark(
         ("bench_rl.json",),
