@@ -2,8 +2,8 @@
 saved, agreement of the final hidden states and accuracy on the test split, against the same model trained without
 the gate-sparsity penalty, over seeds.
 
-Command (from the repository root; the default, 3 seeds x 2 models of 1,500 steps, 3 rounds of 2 models, took 25
-minutes on 2 CPU cores beside other jobs, training included):
+Command (from the repository root; the default, 3 seeds x 2 models of 1,500 steps, 3 rounds of 2 models, takes 24
+minutes on 2 CPU cores with the models cached, and about 18 minutes more to train them):
 
     .venv/bin/python benchmarks/bench_head_skipping.py            # trains and caches the models on first run
     .venv/bin/python benchmarks/bench_head_skipping.py --retrain  # train the cached models again

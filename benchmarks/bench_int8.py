@@ -8,8 +8,9 @@ Command (from the repository root):
     .venv/bin/python benchmarks/bench_int8.py --compile-int8  # + compiled variants of the hidden-1024 models
 
 The models are the demo model trained with the gate-sparsity penalty and its QAT copy (`_efficiency_models`: the
-first run trains them, 15 minutes on 2 busy CPU cores). QAT
-fake-quantizes the linear layers and the routed experts.
+first run trains them, about 4 minutes of an 8-minute run on 2 idle CPU cores). QAT fake-quantizes the linear layers
+and the routed experts. The int8 models come from `load_int8_model`, so their linear layers run on
+`int8_linear_forward` and their experts on `INT8_EXPERTS_IMPLEMENTATION`.
 
 - Demo model: fp32 vs INT8 PTQ of the linear layers only (`load_int8_model(..., include_experts=False)`), PTQ with
   the routed experts (`load_int8_model`: transformers' `TorchAoConfig`) and QAT (prepared, trained, converted):

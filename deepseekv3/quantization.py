@@ -20,7 +20,9 @@ embeddings and media convolutions.
   selects it; the int8 model saves with `save_pretrained`. transformers does not save a model's experts
   implementation, so a plain `from_pretrained` of an int8 checkpoint picks `grouped_mm` and fails on the int8
   experts: pass `experts_implementation=INT8_EXPERTS_IMPLEMENTATION` (or `"eager"`: torchao's int8 linear, one expert
-  at a time, slower), or use `load_int8_model`.
+  at a time, slower), or use `load_int8_model`. `load_int8_model` also runs the int8 linear layers through
+  `int8_linear_forward` on CPU (the same int8 products as torchao's linear, in fewer passes:
+  `benchmarks/bench_int8.py`).
 - QAT uses torchao's QAT API on top of a `Trainer` stage recipe: `prepare_qat` swaps the linear layers for
   fake-quantized ones and switches the routed experts to `QAT_EXPERTS_IMPLEMENTATION` (the same int8 rounding of
   weights and activations, straight-through gradients), the stage trains (best: the last steps of the model's own
@@ -48,11 +50,13 @@ __all__ = [
     "fake_quantized_experts_forward",
     "has_int8_experts",
     "int8_experts_forward",
+    "int8_linear_forward",
     "int8_quantization_config",
     "is_int8_quantizable",
     "load_int8_model",
     "prepare_qat",
     "train_qat",
+    "use_int8_linear_kernel",
 ]
 
 # Linear layers kept in fp32 (matched by name as transformers' `modules_to_not_convert` does); the other sensitive
@@ -135,15 +139,17 @@ def load_int8_model(path: str | Path, include_experts: bool = True, **kwargs: An
         **kwargs: passed on to `AutoModelForCausalLM.from_pretrained`.
 
     Returns:
-        The quantized model, its int8 experts on `INT8_EXPERTS_IMPLEMENTATION` (unless `kwargs` name an
-        `experts_implementation`: `"eager"` runs them too, through torchao's int8 linear, one expert at a time);
-        `save_pretrained` writes an int8 checkpoint that this function reloads.
+        The quantized model, its int8 linear layers on `int8_linear_forward` and its int8 experts on
+        `INT8_EXPERTS_IMPLEMENTATION` (unless `kwargs` name an `experts_implementation`: `"eager"` runs them too,
+        through torchao's int8 linear, one expert at a time); `save_pretrained` writes an int8 checkpoint that this
+        function reloads.
     """
     if "quantization_config" in kwargs:
         raise ValueError("load_int8_model sets quantization_config itself; call from_pretrained to pass your own")
     if getattr(AutoConfig.from_pretrained(path), "quantization_config", None) is None:
         kwargs["quantization_config"] = int8_quantization_config(include_experts)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    use_int8_linear_kernel(model)
     if "experts_implementation" not in kwargs and has_int8_experts(model):
         model.set_experts_implementation(INT8_EXPERTS_IMPLEMENTATION)
     return model
@@ -171,23 +177,21 @@ def _expert_groups(top_k_index: torch.Tensor, num_experts: int) -> Iterator[tupl
 
 
 def _quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dynamic asymmetric quantization of each row (token) of a 2-D tensor, torchao's rounding and scales: `(uint8
-    values, scales (rows, 1), zero points (rows, 1))`, `rows ~ scales * (values - zero points)`."""
-    primitives = _torchao().quant_primitives
-    block_size = [1, rows.shape[-1]]
-    scale, zero_point = primitives.choose_qparams_affine(
-        rows,
-        primitives.MappingType.ASYMMETRIC,
-        block_size,
-        torch.uint8,
-        *_UINT8_RANGE,
-        eps=_EPS,
-        scale_dtype=torch.float32,
-        zero_point_dtype=torch.int32,
-        keepdim=True,
-    )
-    values = primitives.quantize_affine(rows, block_size, scale, zero_point, torch.uint8, *_UINT8_RANGE)
-    return values, scale, zero_point
+    """Dynamic asymmetric quantization of each row (token) of a 2-D fp32 tensor: `(uint8 values, scales (rows, 1),
+    zero points (rows, 1))`, `rows ~ scales * (values - zero points)`.
+
+    torchao's `choose_qparams_affine` and `quantize_affine` (asymmetric, on `_UINT8_RANGE`) computed in fewer
+    passes, the same operations in the same order, so the same values (tested bit for bit): the range includes 0,
+    `scale = (max - min) / 255` (at least `_EPS`), `zero point = -round(min / scale)`, `value = round(x * (1 /
+    scale)) + zero point`, clamped to the range. On the hidden-1024 layers of `benchmarks/bench_int8.py` torchao's
+    generic functions took several times longer.
+    """
+    low, high = torch.aminmax(rows, dim=-1, keepdim=True)
+    low, high = low.clamp(max=0), high.clamp(min=0)
+    scale = ((high - low) / float(_UINT8_RANGE[1] - _UINT8_RANGE[0])).clamp_(min=_EPS)
+    zero_point = (low / scale).round_().neg_().clamp_(*_UINT8_RANGE)
+    values = (rows * (1.0 / scale)).round_().add_(zero_point).clamp_(*_UINT8_RANGE).to(torch.uint8)
+    return values, scale, zero_point.to(torch.int32)
 
 
 def _int8_linear(
@@ -204,6 +208,48 @@ def _int8_linear(
     ones = torch.ones(1, weight.shape[1], dtype=torch.uint8, device=weight.device)
     output = torch._int_mm(values, weight_t).sub_(zero_point * torch._int_mm(ones, weight_t))
     return output.float().mul_(row_scale).mul_(weight_scale.t())
+
+
+def _is_dynamic_int8(weight: torch.Tensor) -> bool:
+    """Whether `weight` is a torchao `Int8Tensor` of this module's scheme: per output row, with dynamic per-token
+    asymmetric activations and nothing else (no static activation scales, no pre-scaling)."""
+    torchao_quantization = _torchao()
+    if not isinstance(weight, torchao_quantization.Int8Tensor) or weight.act_quant_kwargs is None:
+        return False
+    return (
+        weight.act_quant_kwargs.mapping_type == torchao_quantization.MappingType.ASYMMETRIC
+        and weight.act_quant_scale is None
+        and weight.act_pre_scale is None
+        and tuple(weight.scale.shape) == (weight.shape[0], 1)
+    )
+
+
+def int8_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """The forward `load_int8_model` gives its int8 `nn.Linear` layers: on CPU, the input quantized per token once
+    (`_quantize_rows`) and multiplied by the int8 weight in one uint8 x int8 `torch._int_mm`, the zero points' term
+    subtracted exactly in int32 before the scales (`_int8_linear`). torchao's linear for the same `Int8Tensor`
+    computes the same int8 products; its eager path quantizes through generic functions, sums the weight's rows on
+    every call and subtracts the zero points' term after the conversion to float (inexact once a dot product
+    passes 2**24). On other devices, torchao's linear."""
+    if input.device.type != "cpu":
+        return nn.functional.linear(input, self.weight, self.bias)
+    rows = input.reshape(-1, input.shape[-1]).float()
+    values, scale, zero_point = _quantize_rows(rows)
+    output = _int8_linear(values, scale, zero_point, self.weight.qdata, self.weight.scale)
+    if self.bias is not None:
+        output = output.add_(self.bias)
+    return output.reshape(*input.shape[:-1], output.shape[-1]).to(input.dtype)
+
+
+def use_int8_linear_kernel(model: nn.Module) -> int:
+    """Run every `nn.Linear` of `model` whose weight is a dynamic int8 `Int8Tensor` through `int8_linear_forward`
+    (set as the module's `forward`; `load_int8_model` does it). Returns how many layers it set."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and _is_dynamic_int8(module.weight):
+            module.forward = int8_linear_forward.__get__(module)
+            count += 1
+    return count
 
 
 def int8_experts_forward(

@@ -7,6 +7,7 @@ import torch
 from conftest import TINY_MEDIA_KWARGS, TINY_TEXT_KWARGS
 from torch import nn
 from torchao.quantization import FqnToConfig, Int8Tensor, quantize_
+from torchao.quantization import quant_primitives as torchao_quant_primitives
 from torchao.quantization.qat import FakeQuantizedLinear
 from transformers import AutoModelForCausalLM, TrainingArguments
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
@@ -18,6 +19,7 @@ from deepseekv3.quantization import (
     FP32_MODULES,
     INT8_EXPERTS_IMPLEMENTATION,
     QAT_EXPERTS_IMPLEMENTATION,
+    _quantize_rows,
     convert_qat,
     has_int8_experts,
     int8_quantization_config,
@@ -25,6 +27,7 @@ from deepseekv3.quantization import (
     load_int8_model,
     prepare_qat,
     train_qat,
+    use_int8_linear_kernel,
 )
 from deepseekv3.tokenization import train_tokenizer
 from deepseekv3.training.collators import encode_rows
@@ -139,11 +142,14 @@ def tiny_experts(seed: int) -> tuple[DeepseekV3Experts, tuple[torch.Tensor, torc
     return experts, (torch.randn(40, 64), top_k_index, torch.rand(40, 2))
 
 
+def int8_scheme():
+    """The torchao config `int8_quantization_config` gives every name it quantizes."""
+    return next(iter(int8_quantization_config().quant_type.fqn_to_config.values()))
+
+
 def quantize_experts(experts: DeepseekV3Experts) -> None:
-    """PTQ of a bare experts module, with the torchao config `int8_quantization_config` gives the experts (the
-    same for every name it quantizes)."""
-    config = next(iter(int8_quantization_config().quant_type.fqn_to_config.values()))
-    quantize_(experts, FqnToConfig(dict.fromkeys(EXPERT_PARAMETERS, config)), filter_fn=None)
+    """PTQ of a bare experts module, with the scheme `int8_quantization_config` gives the experts."""
+    quantize_(experts, FqnToConfig(dict.fromkeys(EXPERT_PARAMETERS, int8_scheme())), filter_fn=None)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -163,6 +169,76 @@ def test_int8_experts_kernel_matches_torchao_int8_linear_and_stays_close_to_fp32
     torch.testing.assert_close(quantized, outputs["eager"], atol=1e-5, rtol=0)
     # int8 rounding of two projections' weights and activations: about 1.4% of the output's norm at these sizes
     assert 0.005 < relative_error(quantized, expected) < 0.03
+
+
+def test_quantize_rows_gives_torchao_values_scales_and_zero_points_bit_for_bit():
+    torch.manual_seed(0)
+    rows = torch.randn(64, 300) * torch.logspace(-3, 2, 64)[:, None]
+    rows[1] = rows[1].abs() + 0.5  # all positive: the range still includes 0
+    rows[2] = -rows[2].abs() - 0.5  # all negative
+    rows[3] = 0.0  # the smallest scale, eps
+    primitives = torchao_quant_primitives
+    block_size = [1, rows.shape[-1]]
+    scale, zero_point = primitives.choose_qparams_affine(
+        rows,
+        primitives.MappingType.ASYMMETRIC,
+        block_size,
+        torch.uint8,
+        0,
+        255,
+        eps=torch.finfo(torch.float32).eps,
+        scale_dtype=torch.float32,
+        zero_point_dtype=torch.int32,
+        keepdim=True,
+    )
+    values = primitives.quantize_affine(rows, block_size, scale, zero_point, torch.uint8, 0, 255)
+    mine = _quantize_rows(rows)
+    assert mine[0].dtype == torch.uint8 and mine[2].dtype == torch.int32
+    for expected, got in zip((values, scale, zero_point), mine, strict=True):
+        assert torch.equal(expected, got)
+    assert mine[2][1] == 0 and mine[2][2] == 255  # all positive: zero at 0; all negative: zero at the top
+
+
+def test_int8_linear_kernel_matches_torchao_linear_and_is_exact_where_it_is_not():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 24)
+    quantize_(layer, int8_scheme())
+    inputs = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        expected = layer(inputs)  # torchao's linear
+        assert use_int8_linear_kernel(layer) == 1
+        got = layer(inputs)
+    assert got.shape == expected.shape == (3, 5, 24)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+    # a wide input with large values: the int32 dot products pass 2**24, where torchao's linear subtracts the zero
+    # points' term after converting to float and loses digits; the kernel subtracts it in int32 first
+    wide = nn.Linear(8192, 4, bias=False)
+    quantize_(wide, int8_scheme())
+    inputs = torch.rand(6, 8192) * 10 + 5  # all positive, far from 0: zero points at 0, values near 255
+    inputs[:, 0] = -100.0  # a negative minimum moves the zero points up, making their term large
+    values, scale, zero_point = _quantize_rows(inputs)
+    exact = ((values.double() - zero_point.double()) @ wide.weight.qdata.double().t()) * scale.double()
+    exact = exact * wide.weight.scale.double().t()
+    with torch.no_grad():
+        torchao_error = (wide(inputs).double() - exact).abs().max()
+        use_int8_linear_kernel(wide)
+        kernel_error = (wide(inputs).double() - exact).abs().max()
+    assert kernel_error < 1e-4 * exact.abs().max() and kernel_error < torchao_error
+
+
+def test_load_int8_model_runs_every_int8_linear_layer_on_the_kernel(saved_fp32):
+    fp32_model, path = saved_fp32
+    model = load_int8_model(path).eval()
+    on_kernel = {name for name, module in model.named_modules() if "forward" in module.__dict__}
+    assert on_kernel == {name for name, kind in linear_weight_types(model).items() if kind is Int8Tensor}
+    input_ids = torch.randint(5, 96, (2, 12))
+    with torch.no_grad():
+        kernel = model(input_ids=input_ids).logits
+        for name in on_kernel:
+            del model.get_submodule(name).forward  # back to torchao's linear
+        torchao = model(input_ids=input_ids).logits
+    torch.testing.assert_close(kernel, torchao, atol=1e-5, rtol=0)
 
 
 def test_fake_quantized_experts_compute_the_int8_kernel_and_pass_gradients_straight_through():
