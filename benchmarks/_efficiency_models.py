@@ -144,7 +144,7 @@ def load_models(args: argparse.Namespace, variants: tuple[str, ...]) -> tuple[di
     loaders = {
         "fp32": lambda: AutoModelForCausalLM.from_pretrained(args.cache_dir / "fp32"),
         "int8_ptq": lambda: load_int8_model(args.cache_dir / "fp32"),
-        "int8_qat": lambda: AutoModelForCausalLM.from_pretrained(args.cache_dir / "qat_int8"),
+        "int8_qat": lambda: load_int8_model(args.cache_dir / "qat_int8"),
     }
     models = {name: eval_model(loaders[name]()) for name in variants}
     processor = AutoProcessor.from_pretrained(args.cache_dir / "fp32")
