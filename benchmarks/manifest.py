@@ -143,7 +143,6 @@ BENCHMARKS: dict[str, Benchmark] = {
         args=("--lora-learning-rates", "1e-3", "3e-3", "1e-2", "3e-2"),
         minutes=33,
         make_bench=False,
-        stale="a 33 min run (on the current demo settings) that predates results recording their commit",
     ),
     "bench_own_data": Benchmark(
         ("bench_own_data.json",),

@@ -180,11 +180,10 @@ def _quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     """Dynamic asymmetric quantization of each row (token) of a 2-D fp32 tensor: `(uint8 values, scales (rows, 1),
     zero points (rows, 1))`, `rows ~ scales * (values - zero points)`.
 
-    torchao's `choose_qparams_affine` and `quantize_affine` (asymmetric, on `_UINT8_RANGE`) computed in fewer
-    passes, the same operations in the same order, so the same values (tested bit for bit): the range includes 0,
-    `scale = (max - min) / 255` (at least `_EPS`), `zero point = -round(min / scale)`, `value = round(x * (1 /
-    scale)) + zero point`, clamped to the range. On the hidden-1024 layers of `benchmarks/bench_int8.py` torchao's
-    generic functions took several times longer.
+    What torchao's `choose_qparams_affine` and `quantize_affine` compute (asymmetric, on `_UINT8_RANGE`), the same
+    operations in the same order, so the same values (tested bit for bit), without their block-size reshaping: the
+    range includes 0, `scale = (max - min) / 255` (at least `_EPS`), `zero point = -round(min / scale)`, `value =
+    round(x * (1 / scale)) + zero point`, clamped to the range.
     """
     low, high = torch.aminmax(rows, dim=-1, keepdim=True)
     low, high = low.clamp(max=0), high.clamp(min=0)
