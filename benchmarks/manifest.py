@@ -133,9 +133,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         ("bench_shape_reading.json",),
         TRAINED,
         args=("--steps", "1200", "--seeds", "0", "1", "2"),
-        minutes=33,
+        minutes=13,
         make_bench=False,
-        stale="a 33 min run that predates results recording their commit",
     ),
     "bench_lora": Benchmark(
         ("bench_lora.json",),
