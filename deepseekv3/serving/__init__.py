@@ -1,6 +1,7 @@
 """Serving: a continuous-batching engine with per-request sampling, an output-length predictor, a self-tuning
 scheduler, a prefix cache and model routing, behind an OpenAI-compatible HTTP server (`deepseekv3 serve MODEL_DIR`)."""
 
+from .absorbed_attention import absorbed_decoding
 from .engine import (
     Engine,
     EngineConfig,
@@ -19,6 +20,7 @@ from .sampling import SamplingParams
 from .scheduler import SchedulerSetting, SelfTuningScheduler, UCBBandit
 
 __all__ = [
+    "absorbed_decoding",
     "Engine",
     "EngineConfig",
     "EngineFaultError",

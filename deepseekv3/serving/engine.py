@@ -149,6 +149,9 @@ class EngineConfig:
             only.
         max_consecutive_faults (`int`, defaults to 3): failed steps in a row after which `health` reports the engine
             unhealthy (it keeps serving, and is healthy again once a step succeeds).
+        absorbed_decoding (`bool`, defaults to `True`): decoding steps attend to the cached MLA latent directly
+            instead of expanding it into every head's keys and values (`absorbed_decoding`); the same attention,
+            summed in another order.
     """
 
     max_batch_size: int = 16
@@ -160,6 +163,7 @@ class EngineConfig:
     log_size: int = 10_000
     log_prompt_tokens: int = 0
     max_consecutive_faults: int = 3
+    absorbed_decoding: bool = True
 
     def __post_init__(self):
         names = (
@@ -395,7 +399,7 @@ class Engine:
         self.pad_token_id = generation_config.pad_token_id if generation_config.pad_token_id is not None else 0
         suppress = generation_config.suppress_tokens
         self._suppress = SuppressTokensLogitsProcessor(suppress, device=model.device) if suppress else None
-        self._batch = LatentBatch(model)
+        self._batch = LatentBatch(model, self.config.absorbed_decoding)
         self._active: dict[int, _Request] = {}
         self._waiting: list[_Request] = []
         self._incoming: deque[_Request] = deque()
@@ -738,7 +742,7 @@ class Engine:
             self._num_pending = 0
         requests += [*self._waiting, *self._active.values()]
         self._waiting, self._active = [], {}
-        self._batch = LatentBatch(self.model)
+        self._batch = LatentBatch(self.model, self.config.absorbed_decoding)
         failed = 0
         for request in {request.request_id: request for request in requests}.values():
             if request.handle._settle(error=make_error(request.request_id)):

@@ -9,13 +9,19 @@ Positions are per row (the request's own token count), exactly as `generate` com
 
 Every row ends at the last column, so the cache holds `rows x longest row` positions, padding included (the same
 bytes for each: every layer's latent and rotated key); `padded_peak` projects that over the coming decoding steps.
+
+A decoding step attends to the cached latent directly (`absorbed_decoding`) unless the batch is built with
+`absorbed_decoding=False`.
 """
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
+
+from .absorbed_attention import absorbed_decoding
 
 __all__ = [
     "LatentBatch",
@@ -85,6 +91,11 @@ def padded_peak(rows: Sequence[tuple[int, int]]) -> int:
 class LatentBatch:
     """Rows of in-flight requests decoding together on one left-padded `DynamicCache`.
 
+    Args:
+        model (`PreTrainedModel`): the model that decodes.
+        absorbed_decoding (`bool`, defaults to `True`): whether decoding steps attend to the cached latent directly
+            (see `absorbed_attention`) instead of expanding it through `kv_b_proj` at every step.
+
     Attributes:
         request_ids (`list[int]`): the request of each row.
         attention_mask (`torch.LongTensor` of shape `(rows, kv_len)`): 1 for real cached positions.
@@ -92,8 +103,9 @@ class LatentBatch:
         next_tokens (`torch.LongTensor` of shape `(rows,)`): the token each row feeds at the next step.
     """
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, absorbed_decoding: bool = True):
         self.model = model
+        self.absorbed_decoding = absorbed_decoding
         self._clear()
 
     def _clear(self) -> None:
@@ -165,14 +177,15 @@ class LatentBatch:
     def decode(self) -> torch.Tensor:
         """Feeds every row its next token; returns the next-token logits `(rows, vocab_size)` in fp32."""
         attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
-        outputs = self.model(
-            input_ids=self.next_tokens[:, None],
-            attention_mask=attention_mask,
-            position_ids=self.positions[:, None],
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with absorbed_decoding(self.model) if self.absorbed_decoding else nullcontext():
+            outputs = self.model(
+                input_ids=self.next_tokens[:, None],
+                attention_mask=attention_mask,
+                position_ids=self.positions[:, None],
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         self.attention_mask = attention_mask
         self.positions = self.positions + 1
         return outputs.logits[:, -1].float()
