@@ -92,6 +92,9 @@ _MEDIA_KEYS = ("pixel_values", "input_features", "input_features_mask")
 _IGNORED_KEYS = ("attention_mask", "mm_token_type_ids")
 _LOG_NAME = "generation_log.jsonl"
 _END = object()
+# a request waits a step for a prefix that another request's prefill is computing when they share this many positions
+# (SGLang's in-batch prefix caching uses the same threshold)
+SHARED_PREFIX_POSITIONS = 32
 
 
 class EngineOverloadedError(RuntimeError):
@@ -337,6 +340,7 @@ class _Request:
     keys: list | None = None  # prefix-cache keys of `prefill_ids`, from its prefill's start to its end
     prefilled: int = 0  # leading positions of `prefill_ids` whose latents `prefill_layers` hold
     prefill_layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    computed: bool = False  # a prefill forward has computed some of its positions (`prefill_layers` hold them)
 
     @property
     def request_id(self) -> int:
@@ -360,6 +364,7 @@ class _Request:
     def end_prefill(self) -> None:
         """Drops the state of its prefill (complete, or given up when it is preempted)."""
         self.prefilling, self.keys, self.prefilled, self.prefill_layers = False, None, 0, None
+        self.computed = False
 
     def is_finished(self, stop_ids: set[int]) -> bool:
         return len(self.generated) >= self.max_new_tokens or self.generated[-1] in stop_ids
@@ -392,6 +397,7 @@ class Engine:
         self.length_predictor = length_predictor
         self.scheduler = scheduler
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
+        self._cacheable_positions = self.config.prefix_cache_bytes // latent_position_bytes(model)
         self.length_log: deque[LengthRecord] = deque(maxlen=self.config.log_size)
         generation_config = model.generation_config
         eos = generation_config.eos_token_id
@@ -907,7 +913,13 @@ class Engine:
         of its `prefill_ids` on its first `start` positions, cached (see `_aligned`). The oldest request in prefill
         always takes part, with at most `prefill_chunk_tokens` new positions (`_chunk_end`); the others join, in
         admission order, while the forward's positions (rows x the widest row, padding included) stay within
-        `prefill_chunk_tokens`. Without chunking, every request in prefill joins with its whole prompt."""
+        `prefill_chunk_tokens`. Without chunking, every request in prefill joins with its whole prompt.
+
+        Shared prefixes are computed once. A request whose prefill has not started looks the prefix cache up again at
+        every step, so it finds what earlier requests' prefills have stored since it was admitted (a shared system
+        prompt among requests admitted together). And a request stays out of this step's forward when a row already
+        in it computes at least `SHARED_PREFIX_POSITIONS` positions of its prompt past what it has cached: it reads
+        them from the cache at the next step instead of computing them again."""
         chunk = self.config.prefill_chunk_tokens
         rows, plan = [], []
         for request in self._active.values():
@@ -915,6 +927,10 @@ class Engine:
                 continue
             if request.keys is None:
                 self._start_prefill(request)
+            elif not request.computed and self._cached_length(request) > request.prefilled:
+                self._start_prefill(request)  # another request's prefill has stored more of its prompt since
+            if plan and _computes_prefix_of(plan, request, self._cacheable_positions):
+                continue
             end = len(request.keys) if chunk is None else _chunk_end(request.keys, request.prefilled, chunk)
             candidate = _aligned([*rows, (request, end)])
             if not plan or chunk is None or len(candidate) * _width(candidate) <= chunk:
@@ -980,7 +996,7 @@ class Engine:
             if end == len(request.keys):
                 completed.append(row)
             else:
-                request.prefilled = end
+                request.prefilled, request.computed = end, True
                 request.prefill_layers, _ = select_rows(cache, attention_mask, [row])
         if not completed:
             return 0
@@ -1077,6 +1093,9 @@ class Engine:
                 keys[position] = MediaPosition(input_ids[position], digest, position - start)
         return _PromptLayout(keys, images, clips)
 
+    def _cached_length(self, request: _Request) -> int:
+        return self.prefix_cache.match_length(request.keys, len(request.keys) - 1)
+
     def _start_prefill(self, request: _Request) -> None:
         """Looks up the longest cached prefix of the request's `prefill_ids` (at least one position is left to
         compute the first logits)."""
@@ -1158,6 +1177,14 @@ class Engine:
             )
 
 
+def latent_position_bytes(model: PreTrainedModel) -> int:
+    """Bytes one cached position takes in `model`'s MLA cache: per layer, the latent (with the two image-coordinate
+    channels under `use_image_position_values`) and the rotated key, in the model's dtype."""
+    config = model.config
+    width = config.kv_lora_rank + 2 * bool(config.use_image_position_values) + config.qk_rope_head_dim
+    return config.num_hidden_layers * width * model.dtype.itemsize
+
+
 def _chunk_end(keys: list, start: int, chunk: int) -> int:
     """Where the chunk of a prompt (its prefix-cache keys) that starts at `start` ends: after at most `chunk`
     positions, at a boundary. A media span is never cut: the chunk ends before it, or, when the span starts the chunk
@@ -1184,3 +1211,13 @@ def _aligned(rows: list[tuple[_Request, int]]) -> list[tuple[_Request, int, int]
 
 def _width(plan: list[tuple[_Request, int, int]]) -> int:
     return max(end - start for _, start, end in plan)
+
+
+def _computes_prefix_of(plan: list[tuple[_Request, int, int]], request: _Request, cacheable: int) -> bool:
+    """Whether a row of `plan` computes the next `SHARED_PREFIX_POSITIONS` positions of `request`'s prompt past what
+    it has cached, and the prefix cache (`cacheable` positions at most) can keep them for the request's next step."""
+    stop = request.prefilled + SHARED_PREFIX_POSITIONS
+    if stop >= len(request.keys) or stop > cacheable:
+        return False
+    head = request.keys[:stop]
+    return any(end >= stop and other.keys[:stop] == head for other, _, end in plan)

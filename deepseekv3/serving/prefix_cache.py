@@ -142,15 +142,7 @@ class PrefixCache:
             `(length, layers)`: the prefix's length and, per layer, its `(kv_nope, k_rot)` `(1, 1, length, dim)`;
             `(0, None)` when nothing is stored for it.
         """
-        path, entry, length = [], self._root, 0
-        while length < max_length and (child := entry.children.get(keys[length])) is not None:
-            matched = _common_length(child.keys, keys[length:max_length])
-            path.append((child, matched))
-            length += matched
-            entry = child
-            if matched < len(child.keys):
-                break
-        length = boundary_before(keys, length)
+        path, length = self._match(keys, max_length)
         if length == 0:
             self.misses += 1
             return 0, None
@@ -166,6 +158,23 @@ class PrefixCache:
             remaining -= used
         layers = [tuple(torch.cat(tensors, dim=-2) for tensors in zip(*pairs)) for pairs in zip(*pieces)]
         return length, layers
+
+    def match_length(self, keys: Sequence, max_length: int) -> int:
+        """The length `lookup` would return, without copying the latents or counting a hit or a miss."""
+        return self._match(keys, max_length)[1]
+
+    def _match(self, keys: Sequence, max_length: int) -> tuple[list[tuple[PrefixEntry, int]], int]:
+        """The entries on the path of `keys[:max_length]` with how many keys of each match, and the matched length
+        cut back to a boundary."""
+        path, entry, length = [], self._root, 0
+        while length < max_length and (child := entry.children.get(keys[length])) is not None:
+            matched = _common_length(child.keys, keys[length:max_length])
+            path.append((child, matched))
+            length += matched
+            entry = child
+            if matched < len(child.keys):
+                break
+        return path, boundary_before(keys, length)
 
     def insert(self, keys: Sequence, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Stores a prefilled prompt: the positions not stored yet are copied into new entries. A prompt larger than

@@ -9,6 +9,7 @@ import torch
 from serving_helpers import AUDIO_ID, IMAGE_ID, NUM_IMAGE_TOKENS, generate_one, text_ids, tiny_media_model
 
 from deepseekv3.serving import Engine, EngineConfig
+from deepseekv3.serving.engine import latent_position_bytes
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +129,56 @@ def test_eviction_by_bytes_evicts_the_least_recently_used_prefix_and_stays_withi
     serve("c again", prompts["c"][:-1] + [91])
     serve("a once more", prompts["a"])
     assert cached == {"a": 0, "b": 0, "a again": 19, "c": 0, "b again": 0, "c again": 19, "a once more": 0}
+
+
+def shared_prompts(seed: int, count: int = 3, system_length: int = 40) -> tuple[list[int], list[list[int]]]:
+    """A system prompt (BOS and `system_length - 1` tokens) and `count` prompts of it plus 5 tokens of their own,
+    each from a different first token."""
+    generator = torch.Generator().manual_seed(seed)
+    system = text_ids(generator, system_length - 1)
+    return system, [system + [30 + index] + text_ids(generator, 4)[1:] for index in range(count)]
+
+
+def test_requests_admitted_together_compute_their_shared_system_prompt_once(model):
+    system, prompts = shared_prompts(25)
+    expected = [generate_one(model, {"input_ids": torch.tensor([prompt])}, 6) for prompt in prompts]
+    engine = Engine(model, EngineConfig(prefill_chunk_tokens=None))
+    handles = [engine.submit(prompt, max_new_tokens=6) for prompt in prompts]
+    with recorded_forwards(model) as shapes:
+        engine.step()
+        engine.step()
+    # the first request alone computes the system prompt; the others wait one step and read it from the cache
+    assert shapes == [(1, len(prompts[0])), (1, 1), (2, 5), (3, 1)]
+    engine.run_until_idle()
+    assert [handle.result().cached_prefix_length for handle in handles] == [0, len(system), len(system)]
+    assert [handle.result().token_ids for handle in handles] == expected
+
+    # a prefix cache too small to keep the system prompt: nobody waits for it
+    engine = Engine(model, EngineConfig(prefill_chunk_tokens=None, prefix_cache_bytes=1))
+    handles = [engine.submit(prompt, max_new_tokens=6) for prompt in prompts]
+    with recorded_forwards(model) as shapes:
+        engine.step()
+    assert shapes[0] == (3, len(prompts[0]))
+    engine.run_until_idle()
+    assert [handle.result().cached_prefix_length for handle in handles] == [0, 0, 0]
+    assert [handle.result().token_ids for handle in handles] == expected
+
+
+def test_a_request_admitted_before_its_prefix_was_cached_finds_it_when_its_prefill_starts(model):
+    system, prompts = shared_prompts(26)
+    # chunks of 8 positions: one request per forward, the second's prefill starts after the first's has stored it
+    engine = Engine(model, EngineConfig(prefill_chunk_tokens=8))
+    handles = [engine.submit(prompt, max_new_tokens=6) for prompt in prompts]
+    engine.run_until_idle()
+    assert [handle.result().cached_prefix_length for handle in handles] == [0, len(system), len(system)]
+    expected = [generate_one(model, {"input_ids": torch.tensor([prompt])}, 6) for prompt in prompts]
+    assert [handle.result().token_ids for handle in handles] == expected
+
+
+@pytest.mark.parametrize("media", [False, True])
+def test_the_bytes_of_a_cached_position_are_those_of_the_cache_tensors(media):
+    model = tiny_media_model()
+    model.config.use_image_position_values = media  # two more channels in the cached latent
+    cache = model(input_ids=torch.tensor([[1, 5, 6]]), use_cache=True).cache
+    measured = sum(tensor.nbytes for layer in cache.layers for tensor in (layer.keys, layer.values)) // 3
+    assert latent_position_bytes(model) == measured
