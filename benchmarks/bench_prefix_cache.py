@@ -18,8 +18,10 @@ Then a shared-system-prompt trace, for throughput: `--trace-requests` requests s
 shuffled, each generating `--new-tokens` tokens, with the engine's defaults (16 rows, a 4,096-token budget, chunked
 prefill). Automatic prefix caching (the default engine: no warm-up; the first requests with the system prompt fill
 the cache as they are prefilled) against the same engine with no prefix cache (a 1-byte budget). Each repetition
-builds both engines afresh, the variant that goes first alternating; generated tokens per second (medians over
-`--trace-repeats`), target >= 2x. Every request's tokens are checked to be the same in both variants.
+builds the engines afresh, the variant that goes first rotating; generated tokens per second (medians over
+`--trace-repeats`), target >= 2x. Both engines decode absorbed (the default, `EngineConfig.absorbed_decoding`); a
+third variant, the prefix-cached engine decoding on the expanded latent (`absorbed_decoding=False`), shows what
+absorbed decoding adds. Every request's tokens are checked to be the same in every variant.
 
     python benchmarks/bench_prefix_cache.py              # a few minutes on 2 CPU cores (one torch thread)
     python benchmarks/bench_prefix_cache.py --device cuda
@@ -87,11 +89,15 @@ def trace_prompts(prefix: list[int], args, vocab_size: int) -> list[list[int]]:
 def run_trace(model, prefix: list[int], args) -> dict:
     """Tokens/s of the trace with automatic prefix caching and without, `--trace-repeats` times each, interleaved."""
     prompts = trace_prompts(prefix, args, model.config.vocab_size)
-    configs = {"no_prefix_cache": EngineConfig(prefix_cache_bytes=1), "automatic_prefix_cache": EngineConfig()}
+    configs = {
+        "no_prefix_cache": EngineConfig(prefix_cache_bytes=1),
+        "automatic_prefix_cache": EngineConfig(),
+        "automatic_prefix_cache_expanded_decoding": EngineConfig(absorbed_decoding=False),
+    }
     runs = {name: [] for name in configs}
     answers = {}
     for repeat in range(args.trace_repeats):
-        order = list(configs) if repeat % 2 == 0 else list(configs)[::-1]
+        order = list(configs)[repeat % len(configs) :] + list(configs)[: repeat % len(configs)]
         for name in order:
             engine = Engine(model, configs[name])
             cpu_start, start = time.process_time(), time.perf_counter()
@@ -109,23 +115,30 @@ def run_trace(model, prefix: list[int], args) -> dict:
                     "tokens_per_s": tokens / seconds,
                     "ttft_p50_s": statistics.median(result.first_token_s for result in results),
                     "prefix_cache_hits": engine.prefix_cache.hits,
+                    "prefill_forwards": engine.stats["prefill_calls"],
+                    "decode_steps": engine.stats["decode_steps"],
+                    "mean_decode_rows": engine.stats["decoded_rows"] / engine.stats["decode_steps"],
+                    "peak_cache_positions": engine.stats["peak_cache_positions"],
                 }
             )
             print(f"  trace {repeat + 1}, {name}: {seconds:.1f} s, {tokens / seconds:.1f} tokens/s")
-    if answers["no_prefix_cache"] != answers["automatic_prefix_cache"]:
-        raise RuntimeError("the trace answered differently with the prefix cache")
+    if any(answers[name] != answers["no_prefix_cache"] for name in configs):
+        raise RuntimeError("the trace answered differently with the prefix cache or with expanded decoding")
     median = {name: statistics.median(run["tokens_per_s"] for run in runs[name]) for name in configs}
     speedup = median["automatic_prefix_cache"] / median["no_prefix_cache"]
+    absorbed = median["automatic_prefix_cache"] / median["automatic_prefix_cache_expanded_decoding"]
     print(f"shared-prompt trace: {speedup:.2f}x the tokens/s with automatic prefix caching (target 2x)")
+    print(f"absorbed decoding: {absorbed:.2f}x the tokens/s of expanded decoding, both with the prefix cache")
     return {
         "requests": args.trace_requests,
         "shared_fraction": args.shared_fraction,
         "prompt_tokens": PREFIX_TOKENS + SUFFIX_TOKENS,
         "new_tokens": args.new_tokens,
-        "engine_config": "defaults (no_prefix_cache: prefix_cache_bytes=1)",
+        "engine_config": "defaults (no_prefix_cache: prefix_cache_bytes=1; expanded: absorbed_decoding=False)",
         "runs": runs,
         "median_tokens_per_s": median,
         "speedup": speedup,
+        "absorbed_decoding_speedup": absorbed,
         "outputs_equal": True,
     }
 

@@ -21,7 +21,8 @@ or three objects short).
 Variants, at the engine's defaults (`EngineConfig()`: batch 16, token budget 4,096, chunked prefill 512, prefix
 cache 64 MiB; a fresh engine per run, so no run finds an earlier run's prompts in the prefix cache):
 
-- sequential: `model.generate` one request at a time (all at t = 0 only);
+- sequential: `model.generate` one request at a time (all at t = 0 only); every `generate` baseline decodes with the
+  engine's attention (`absorbed_decoding`, the engine's default), so the variants differ in scheduling only;
 - static: FIFO batches of `generate`, left-padded, of the requests that have arrived, at most the engine's batch
   size (16) and within its token budget (rows x (longest prompt + largest `max_new_tokens`) <= 4,096); a batch runs
   to its longest answer, and each answer is cut at its own `max_new_tokens`;
@@ -111,6 +112,7 @@ from deepseekv3.serving import (
     LengthRecord,
     SchedulerSetting,
     SelfTuningScheduler,
+    absorbed_decoding,
 )
 from deepseekv3.serving.latent_batch import cache_layers
 from deepseekv3.tokenization import train_tokenizer
@@ -349,7 +351,7 @@ def serve_static(
         ones = [torch.ones_like(prompt) for prompt in prompts]
         attention_mask = pad_sequence(ones, batch_first=True, padding_value=0, padding_side="left")
         clock = StepTimes()
-        with torch.no_grad():
+        with torch.no_grad(), absorbed_decoding(model):  # the engine's decoding attention (its default)
             output = model.generate(
                 input_ids=input_ids.to(model.device),
                 attention_mask=attention_mask.to(model.device),
