@@ -17,16 +17,16 @@ from deepseekv3.serving.absorbed_attention import absorbed_forward_applies
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
+def attention_modules(model) -> list[DeepseekV3MultimodalAttention]:
+    return [module for module in model.modules() if isinstance(module, DeepseekV3MultimodalAttention)]
+
+
 @contextlib.contextmanager
 def kv_b_proj_calls(model):
     """How many times any layer's `kv_b_proj` module ran inside the block (the model's own expansion of the
     latent; the absorbed path reads its weight instead)."""
     calls = []
-    hooks = [
-        module.kv_b_proj.register_forward_hook(lambda *_: calls.append(1))
-        for module in model.modules()
-        if isinstance(module, DeepseekV3MultimodalAttention)
-    ]
+    hooks = [module.kv_b_proj.register_forward_hook(lambda *_: calls.append(1)) for module in attention_modules(model)]
     try:
         yield calls
     finally:
@@ -111,10 +111,6 @@ def test_absorbed_decoding_gives_the_logits_of_the_models_attention(implementati
     assert absorbed_calls == 0 and applied == [True] * (6 * model.config.num_hidden_layers)
     if not skip:  # with every head computed, the model's attention expands the latent in every layer at every step
         assert expanded_calls == 6 * model.config.num_hidden_layers
-
-
-def attention_modules(model) -> list[DeepseekV3MultimodalAttention]:
-    return [module for module in model.modules() if isinstance(module, DeepseekV3MultimodalAttention)]
 
 
 def test_absorbed_decoding_carries_the_image_positions_in_the_values():
